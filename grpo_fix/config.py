@@ -1,0 +1,183 @@
+"""Configuration of the unified surrogate (paper Eq. 1) and the named presets (paper Table 1, TRL 1.16).
+
+A GRPO-family method is a triple (weighting alpha, importance ratio s, regulariser R) of
+
+    J = sum_i sum_t alpha_{i,t} * min(s_{i,t} A_i, clip(s_{i,t}, 1 - eps_low, 1 + eps_high) A_i) - beta * R   (Eq. 1)
+
+and every preset below is one :class:`SurrogateConfig` of the single implementation in
+:mod:`grpo_fix.surrogate`; there is no per-method code path.
+
+Weightings (the normaliser alpha; any per-group std factor lives in the advantages, see
+:func:`grpo_fix.group_advantages`).  ``N_window`` is the number of valid completion tokens in the
+whole optimizer window (all gradient-accumulation micro-batches on all data-parallel ranks):
+
+========== =============================================== ==========================================
+name       alpha_{i,t}                                     constant within a group? (Prop. 1)
+========== =============================================== ==========================================
+uniform    1 / N_window, token ratios required (ours)      yes
+dapo       1 / N_window                                    yes
+seq_mean   1 / (N_seqs_window * |o_i|)  (GRPO, GSPO, v3.2) no: length-dependent prefix bias
+bnpo       1 / (N_tokens_micro_batch * num_micro_batches)  yes, but depends on micro-batching
+dr_grpo    1 / (B_micro * L_max * num_micro_batches)       yes
+========== =============================================== ==========================================
+
+Ratios: ``token`` (exp(logp - old)), ``sequence`` (GSPO: exp(mean_t(logp - old)), the 1/|o| exponent),
+``sequence_unnormalized`` (GCPO: exp(sum_t(logp - old))), ``sg_logp`` (CISPO: sg(clamp(s)) * logp),
+``logp`` (GPG: plain policy gradient, no ratio and no clipping).
+
+Decisions recorded here (the paper's Table 1 leaves them open):
+
+- ``beta`` is a hyper-parameter, 0 by default in every preset (TRL's default); rows whose R is a KL
+  set the estimator, so ``beta > 0`` (with ``ref_logp``) switches it on.
+- TRL 1.16's ``dapo`` divides by ``num_items_in_batch / P * GA / spg``, which equals N_window only
+  when ``steps_per_generation == gradient_accumulation_steps``; pass that value as
+  ``num_window_tokens`` to reproduce TRL, or the exact count to get the corrected loss.
+- GCPO's alpha = 1/(sigma G) is per *sequence*; in the per-token sum of Eq. 1 that is ``seq_mean``.
+- CISPO's IS weight is ``sg(clamp(s, 1 - eps_low, 1 + eps_high))``; TRL caps at the raw
+  ``epsilon_high`` (5.0 recommended), i.e. our ``eps_high = epsilon_high - 1``; ``eps_low = 1``
+  disables the lower bound.
+- GTPO is not shipped: its conflict-token weights and entropy filter are not pinned down by
+  2601.05002, and GPG's batch correction alpha_hat (a per-batch scalar) is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
+
+Weighting = Literal["uniform", "dapo", "seq_mean", "bnpo", "dr_grpo"]
+RatioKind = Literal["token", "sequence", "sequence_unnormalized", "sg_logp", "logp"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+CLIPPED_RATIOS = ("token", "sequence", "sequence_unnormalized")
+GROUP_CONSTANT_WEIGHTINGS = ("uniform", "dapo", "bnpo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    """One point of the (weighting, ratio, regulariser) design space of Eq. 1.
+
+    Args:
+        weighting: the normaliser alpha (table in the module docstring).
+        ratio: the importance ratio s.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``eps_high=None`` means
+            ``eps_low``.  For ``sg_logp`` it bounds the stop-gradient IS weight instead.
+        delta: optional upper bound on the unclipped branch (two-sided clipping, INTELLECT-2 /
+            TRL's ``delta``); must exceed ``1 + eps_high``.
+        beta: KL coefficient; needs ``ref_logp`` when non-zero.
+        kl_estimator: ``k1`` = log(pi/ref), ``k2`` = (log(pi/ref))^2 / 2, ``k3`` =
+            ref/pi - log(ref/pi) - 1 (Table 1's D_KL).
+        kl_times_ratio: multiply the KL by the (differentiable) importance ratio (DeepSeek-V3.2,
+            Table 1's ``I * D_KL``; TRL's ``use_bias_correction_kl``).
+        prefix_consistent: clip tokens sharing a prefix inside a group as one token (ours; see
+            :func:`grpo_fix.prefix_consistent_advantages`).  Needs token ratios and a
+            group-constant weighting.
+        max_completion_length: ``L_max`` of ``dr_grpo`` (default: the call's T).
+        adv_threshold: CPPO's gamma: completions with ``|A_i| <= gamma`` are dropped.
+        off_policy_mask_threshold: DeepSeek-V3.2's M_{i,t}: a completion with ``A_i < 0`` whose
+            mean ``old_logp - logp`` exceeds the threshold is dropped.
+    """
+
+    weighting: Weighting = "uniform"
+    ratio: RatioKind = "token"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    delta: float | None = None
+    beta: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    kl_times_ratio: bool = False
+    prefix_consistent: bool = False
+    max_completion_length: int | None = None
+    adv_threshold: float | None = None
+    off_policy_mask_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("weighting", self.weighting, Weighting)
+        _check_choice("ratio", self.ratio, RatioKind)
+        _check_choice("kl_estimator", self.kl_estimator, KLEstimator)
+        if self.eps_high is None:
+            object.__setattr__(self, "eps_high", self.eps_low)
+        if not 0.0 <= self.eps_low <= 1.0:
+            raise ValueError(f"eps_low must be in [0, 1] (the lower clip bound is 1 - eps_low), got {self.eps_low}")
+        lower_eps_high = -1.0 if self.ratio == "sg_logp" else 0.0
+        if not self.eps_high > lower_eps_high or self.eps_high != self.eps_high:
+            raise ValueError(f"eps_high must be > {lower_eps_high} for ratio={self.ratio!r}, got {self.eps_high}")
+        if self.delta is not None:
+            if self.ratio not in CLIPPED_RATIOS:
+                raise ValueError(f"delta (two-sided clipping) needs a clipped ratio, not ratio={self.ratio!r}")
+            if not self.delta > 1.0 + self.eps_high:
+                raise ValueError(f"delta must exceed 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
+        if not self.beta >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.weighting == "uniform" and self.ratio not in ("token", "sg_logp", "logp"):
+            raise ValueError(
+                f"weighting='uniform' needs token-level ratios: ratio={self.ratio!r} differs across the completions "
+                "that share a prefix and breaks the cancellation of Prop. 1. Use weighting='dapo' for a "
+                "token-mean with sequence ratios, or ratio='token'."
+            )
+        if self.prefix_consistent:
+            if self.ratio != "token":
+                raise ValueError(f"prefix_consistent clipping needs ratio='token', got {self.ratio!r}")
+            if self.weighting not in GROUP_CONSTANT_WEIGHTINGS:
+                raise ValueError(
+                    f"prefix_consistent clipping needs a weighting that is constant within a group "
+                    f"{GROUP_CONSTANT_WEIGHTINGS}, got {self.weighting!r}"
+                )
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.adv_threshold is not None and not self.adv_threshold >= 0:
+            raise ValueError(f"adv_threshold (CPPO gamma) must be >= 0, got {self.adv_threshold}")
+
+    @property
+    def clips(self) -> bool:
+        """Whether the PPO min/clip wrapper of Eq. 1 is active for this ratio."""
+        return self.ratio in CLIPPED_RATIOS
+
+    def replace(self, **changes) -> "SurrogateConfig":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, literal) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+
+
+#: The paper's Table 1 rows that are well defined, TRL 1.16's loss types, and ``uniform``.
+PRESETS: dict[str, SurrogateConfig] = {
+    # ours: the corrected loss
+    "uniform": SurrogateConfig("uniform", "token", prefix_consistent=True, kl_times_ratio=True),
+    # paper Table 1
+    "grpo_r1": SurrogateConfig("seq_mean", "token", kl_estimator="k3"),
+    "grpo_v32": SurrogateConfig("seq_mean", "token", kl_estimator="k3", kl_times_ratio=True),
+    "gspo": SurrogateConfig("seq_mean", "sequence", eps_low=3e-4, eps_high=4e-4),
+    "cppo": SurrogateConfig("seq_mean", "token", kl_estimator="k3", adv_threshold=0.0),
+    "gpg": SurrogateConfig("dapo", "logp"),
+    "gcpo": SurrogateConfig("seq_mean", "sequence_unnormalized"),
+    # names shared by Table 1 and TRL 1.16: the rows' structure with TRL 1.16's KL default
+    # (k3 times the ratio when beta > 0); DAPO's clip-higher 0.28 and CISPO's cap 5.0 as recommended
+    "dapo": SurrogateConfig("dapo", "token", eps_high=0.28, kl_times_ratio=True),
+    "dr_grpo": SurrogateConfig("dr_grpo", "token", kl_times_ratio=True),
+    "cispo": SurrogateConfig("dapo", "sg_logp", eps_low=1.0, eps_high=4.0, kl_times_ratio=True),
+    # TRL 1.16 loss types (TRL's defaults: eps 0.2, k3 KL with the ratio correction when beta > 0)
+    "grpo": SurrogateConfig("seq_mean", "token", kl_times_ratio=True),
+    "bnpo": SurrogateConfig("bnpo", "token", kl_times_ratio=True),
+}
+
+
+def resolve_config(preset: str | SurrogateConfig | None = None, **overrides) -> SurrogateConfig:
+    """A preset by name (or a config), with field overrides; unknown names raise ``ValueError``."""
+    if isinstance(preset, SurrogateConfig):
+        base = preset
+    elif preset is None:
+        base = PRESETS["uniform"]
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if "eps_low" in overrides and "eps_high" not in overrides and base.eps_high == base.eps_low:
+        overrides["eps_high"] = None  # keep a symmetric preset symmetric
+    return replace(base, **overrides) if overrides else base
