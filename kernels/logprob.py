@@ -1,0 +1,301 @@
+"""Triton kernels over the vocabulary: selected log-probs (forward) and the softmax gradient (backward).
+
+Forward, one program per token (token axis on grid x, so no 65,535 limit): an online logsumexp
+over ``BLOCK_V`` blocks of the row (one read of the logits), then the log-prob of the target id
+``logp = (z[id] / T - max) - log sum exp(z / T - max)``.  Rows whose mask is 0 are skipped (``logp = 0``).
+
+Backward, one program per token: ``dlogits = (onehot(id) - softmax(z / T)) * dlogp / T``, written
+in place into the logits buffer when asked (no extra ``[N, V]`` tensor), zero for masked rows.
+
+All math is fp32 whatever the logits dtype (bf16 / fp16 loads are upcast right after loading:
+the Triton CPU interpreter gets bf16 arithmetic wrong).  Logits rows may have any strides; the
+vocab dimension must be contiguous (stride 1).  ``triton`` is imported lazily so that
+``import grpo_fix.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+SUPPORTED_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(t: torch.Tensor, what: str = "input") -> None:
+    """CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; anything else raises."""
+    if t.is_cuda:
+        return
+    if t.device.type == "cpu":
+        if _interpret():
+            return
+        raise RuntimeError(
+            f"grpo_fix.kernels needs CUDA tensors ({what} is on CPU). On CPU the Triton kernels only run "
+            "under the interpreter: set TRITON_INTERPRET=1 before importing triton (tests), or use the "
+            "torch backend (grpo_fix.surrogate_loss on torch.log_softmax log-probs)."
+        )
+    raise ValueError(f"unsupported device {t.device} for {what}: the Triton kernels run on CUDA (or CPU interpreter)")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Define the kernels on first use (lazy ``import triton``)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
+        raise RuntimeError("grpo_fix.kernels needs triton (pip install triton)") from e
+
+    @triton.jit
+    def logprob_fwd_kernel(
+        logits_ptr, ids_ptr, mask_ptr, logp_ptr, lse_ptr,
+        T, V,
+        s_lb, s_lt, s_ib, s_it, s_mb, s_mt,
+        inv_temp,
+        HAS_MASK: tl.constexpr, SAVE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        n = tl.program_id(0).to(tl.int64)
+        b = n // T
+        t = n - b * T
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + b * s_mb + t * s_mt) != 0
+        else:
+            valid = True
+        if valid:
+            row = logits_ptr + b * s_lb + t * s_lt
+            offs = tl.arange(0, BLOCK_V)
+            m = tl.full((), float("-inf"), tl.float32)
+            s = tl.zeros((), tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+                m_new = tl.maximum(m, tl.max(x, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+                m = m_new
+            m_fin = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            tgt = tl.load(ids_ptr + b * s_ib + t * s_it).to(tl.int64)
+            in_range = (tgt >= 0) & (tgt < V)
+            z = tl.load(row + tl.where(in_range, tgt, 0)).to(tl.float32) * inv_temp
+            # (z - max) - log(sum): no rounding of a large logsumexp (|logits| ~ 1e4 stay exact)
+            logp = tl.where(in_range, (z - m_fin) - log_s, float("nan"))
+            tl.store(logp_ptr + n, logp)
+            if SAVE_LSE:
+                tl.store(lse_ptr + 2 * n, m_fin)
+                tl.store(lse_ptr + 2 * n + 1, log_s)
+        else:
+            tl.store(logp_ptr + n, 0.0)
+            if SAVE_LSE:
+                tl.store(lse_ptr + 2 * n, 0.0)
+                tl.store(lse_ptr + 2 * n + 1, 0.0)
+
+    @triton.jit
+    def logprob_bwd_kernel(
+        logits_ptr, grad_ptr, ids_ptr, mask_ptr, lse_ptr, dlogp_ptr,
+        T, V,
+        s_lb, s_lt, s_gb, s_gt, s_ib, s_it, s_mb, s_mt,
+        inv_temp,
+        HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        n = tl.program_id(0).to(tl.int64)
+        b = n // T
+        t = n - b * T
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + b * s_mb + t * s_mt) != 0
+        else:
+            valid = True
+        grow = grad_ptr + b * s_gb + t * s_gt
+        offs = tl.arange(0, BLOCK_V)
+        if valid:
+            row = logits_ptr + b * s_lb + t * s_lt
+            m_fin = tl.load(lse_ptr + 2 * n)
+            log_s = tl.load(lse_ptr + 2 * n + 1)
+            g = tl.load(dlogp_ptr + n).to(tl.float32) * inv_temp
+            tgt = tl.load(ids_ptr + b * s_ib + t * s_it).to(tl.int64)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                cmask = cols < V
+                x = tl.load(row + cols, mask=cmask, other=0.0).to(tl.float32) * inv_temp
+                p = tl.exp((x - m_fin) - log_s)
+                d = (tl.where(cols == tgt, 1.0, 0.0) - p) * g
+                tl.store(grow + cols, d.to(grad_ptr.dtype.element_ty), mask=cmask)
+        else:
+            zero = tl.zeros((BLOCK_V,), tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(grow + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+    return logprob_fwd_kernel, logprob_bwd_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _block_v(V: int, interpret: bool) -> int:
+    # interpreter: cost ~ programs x iterations, so one big block; GPU: 4096 fp32 lanes per program
+    cap = 16384 if interpret else 4096
+    return max(16, min(_next_pow2(V), cap))
+
+
+def _num_warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
+
+
+def _as_3d(t: torch.Tensor, B: int, T: int) -> tuple[int, int]:
+    """(row-b stride, row-t stride) of a (B, T) or packed (N,) tensor indexed as (b, t)."""
+    if t.dim() == 2:
+        return t.stride(0), t.stride(1)
+    return 0, t.stride(0)  # (N,): B == 1, t == n
+
+
+def _prepare(logits, ids, mask, what="logits"):
+    """Validate and return (B, T, V, logits strides, ids, mask view) for the launch."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{what} must be a tensor, got {type(logits)}")
+    if logits.dtype not in SUPPORTED_LOGIT_DTYPES:
+        raise ValueError(f"{what} dtype {logits.dtype} is not supported; use one of {SUPPORTED_LOGIT_DTYPES}")
+    check_device(logits, what)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
+    if ids.device != logits.device:
+        raise ValueError(f"ids on {ids.device} but {what} on {logits.device}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"ids must be (B, T) or packed (N,), got shape {tuple(ids.shape)}")
+    if logits.dim() != ids.dim() + 1:
+        raise ValueError(f"{what} must be (B, T, V) for (B, T) ids or (N, V) for (N,) ids, got {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError(
+            f"{what} must be contiguous along the vocab dimension (stride(-1) == 1), got strides {logits.stride()}; "
+            "rows may have any stride"
+        )
+    if ids.dim() == 2:
+        B, T = ids.shape
+        if logits.shape[0] != B or logits.shape[1] not in (T, T + 1):
+            raise ValueError(
+                f"{what} shape {tuple(logits.shape)} does not match ids {tuple(ids.shape)}: expected (B, T, V) or "
+                "(B, T + 1, V) (the extra last position is ignored)"
+            )
+        s_lb, s_lt = logits.stride(0), logits.stride(1)
+    else:
+        B, T = 1, ids.shape[0]
+        if logits.shape[0] != T:
+            raise ValueError(f"{what} shape {tuple(logits.shape)} does not match packed ids {tuple(ids.shape)}")
+        s_lb, s_lt = 0, logits.stride(0)
+    V = logits.shape[-1]
+    if mask is not None:
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask on {mask.device} but {what} on {logits.device}")
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same strides, loadable
+        elif mask.dtype.is_complex:
+            raise ValueError(f"mask must be bool or 0/1 numeric, got {mask.dtype}")
+    return B, T, V, s_lb, s_lt, ids, mask
+
+
+def logprob_forward(logits, ids, mask=None, temperature: float = 1.0, save_lse: bool = True):
+    """Selected log-probs ``log_softmax(logits / T)[id]`` (fp32, shape of ``ids``; 0 where masked)
+    and the per-row softmax statistics ``(..., 2)`` = (max, log-sum-exp past the max) of
+    ``logits / T`` for :func:`logprob_backward` (or None)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, T, V, s_lb, s_lt, ids, mask = _prepare(logits, ids, mask)
+    N = B * T
+    logp = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
+    # per row: the max of logits / T and log sum exp(logits / T - max) (lse = their sum)
+    lse = torch.empty((*ids.shape, 2), dtype=torch.float32, device=logits.device) if save_lse else logp
+    if N == 0:
+        return logp, (lse if save_lse else None)
+    fwd, _ = _kernels()
+    s_ib, s_it = _as_3d(ids, B, T)
+    s_mb, s_mt = _as_3d(mask, B, T) if mask is not None else (0, 0)
+    block = _block_v(V, _interpret())
+    fwd[(N,)](
+        logits, ids, mask if mask is not None else ids, logp, lse,
+        T, V, s_lb, s_lt, s_ib, s_it, s_mb, s_mt, 1.0 / float(temperature),
+        HAS_MASK=mask is not None, SAVE_LSE=save_lse, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return logp, (lse if save_lse else None)
+
+
+def logprob_backward(logits, ids, mask, lse, dlogp, temperature: float = 1.0, inplace: bool = False):
+    """``dlogits = (onehot(id) - softmax(logits / T)) * dlogp / T`` (0 where masked), in the logits
+    dtype; written into ``logits`` itself when ``inplace`` (then returned).  With ``(B, T + 1, V)``
+    logits the extra last position gets a zero gradient."""
+    B, T, V, s_lb, s_lt, ids, mask = _prepare(logits, ids, mask)
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.dim() == 3 and logits.shape[1] == T + 1:
+        grad[:, T].zero_()
+    N = B * T
+    if N == 0:
+        return grad
+    dlogp = dlogp.to(device=logits.device, dtype=torch.float32).reshape(-1).contiguous()
+    lse = lse.reshape(-1, 2).contiguous()
+    if logits.dim() == 3:
+        s_gb, s_gt = grad.stride(0), grad.stride(1)
+    else:
+        s_gb, s_gt = 0, grad.stride(0)
+    _, bwd = _kernels()
+    s_ib, s_it = _as_3d(ids, B, T)
+    s_mb, s_mt = _as_3d(mask, B, T) if mask is not None else (0, 0)
+    block = _block_v(V, _interpret())
+    bwd[(N,)](
+        logits, grad, ids, mask if mask is not None else ids, lse, dlogp,
+        T, V, s_lb, s_lt, s_gb, s_gt, s_ib, s_it, s_mb, s_mt, 1.0 / float(temperature),
+        HAS_MASK=mask is not None, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return grad
+
+
+class _SelectiveLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, mask, temperature, inplace):
+        logp, lse = logprob_forward(logits, ids, mask, temperature, save_lse=True)
+        ctx.save_for_backward(logits, ids, mask if mask is not None else torch.empty(0), lse)
+        ctx.has_mask = mask is not None
+        ctx.temperature = temperature
+        ctx.inplace = inplace
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dlogp):
+        logits, ids, mask, lse = ctx.saved_tensors
+        grad = logprob_backward(
+            logits, ids, mask if ctx.has_mask else None, lse, dlogp, ctx.temperature, inplace=ctx.inplace
+        )
+        return grad, None, None, None, None
+
+
+def selective_logprob(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Differentiable ``log_softmax(logits / temperature).gather(-1, ids)`` in fp32, 0 where masked.
+
+    ``logits`` ``(B, T, V)`` (or ``(B, T + 1, V)``: the last position is ignored) or packed
+    ``(N, V)``; any float dtype, any row strides, vocab stride 1.  ``ids`` / ``mask`` ``(B, T)``
+    or ``(N,)``, any strides.  ``inplace=True`` writes the gradient into the logits buffer during
+    backward (the logits values are destroyed; nothing else may read them afterwards).
+    """
+    return _SelectiveLogProb.apply(logits, ids, mask, float(temperature), bool(inplace))
+
+
+@torch.no_grad()
+def selective_logprob_nograd(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """No-grad selected log-probs for the old / reference policy (no logsumexp saved)."""
+    logp, _ = logprob_forward(logits, ids, mask, temperature, save_lse=False)
+    return logp
