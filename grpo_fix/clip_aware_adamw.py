@@ -46,7 +46,10 @@ for every ``step()`` call until the next ``observe``.
    returns a fresh signal; while its overshoot fraction exceeds ``max(tau, f_before)`` (and at
    most ``max_backtracks`` times) the step is pulled back along its own direction,
    ``theta = theta_before + a * delta`` with ``a`` halved; the first ``a`` within the bound is
-   accepted and the momentum is scaled by it.  Needs the stepped tensors to be the model's
+   accepted and the momentum is scaled by it.  If no ``a`` is within the bound after
+   ``max_backtracks`` halvings the step is rejected (``a = 0``: parameters restored, momentum
+   zeroed, ``last_stats["rejected"] = 1``), so after every step the re-measured overshoot is at
+   most ``max(tau, f_before)`` (ours: this makes the bound an invariant instead of a target).  Needs the stepped tensors to be the model's
    parameters: without DeepSpeed, or DeepSpeed stage 0 in fp32.  Under ZeRO (or DeepSpeed's
    bf16/fp16 wrappers) the model holds low-precision copies refreshed only after ``step()``, so
    :func:`grpo_fix.integration.deepspeed.attach_deepspeed` refuses it with a clear error.
@@ -109,6 +112,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from torch.optim.adam import adam as _adam_functional
 
 from .signal import TrustRegionSignal
 
@@ -373,7 +377,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if alpha != 1.0:
             lr = lr * alpha
             wd = wd / alpha  # keep the decoupled decay lr * wd (see the module docstring)
-        torch.optim.adam.adam(
+        _adam_functional(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
             foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
             grad_scale=None, found_inf=None, has_complex=has_complex, decoupled_weight_decay=True,
@@ -412,10 +416,18 @@ class ClipAwareAdamW(torch.optim.AdamW):
             for p, b, d in zip(stepped, before, deltas):
                 p.copy_(b + a * d)
             f = self._measure(fn)
+        rejected = f > bound
+        if rejected:
+            # no step size within max_backtracks keeps the trust region: reject the step (a = 0),
+            # so the overshoot never exceeds max(tau, f_before) after an accepted window
+            a = 0.0
+            for p, b in zip(stepped, before):
+                p.copy_(b)
         if a != 1.0:
             ms = [self.state[p]["exp_avg"] for p in stepped]
             torch._foreach_mul_(ms, a)
-        self.last_stats = dict(self.last_stats, backtracks=float(tries), backtrack_scale=a, overshoot_after=f)
+        self.last_stats = dict(self.last_stats, backtracks=float(tries), backtrack_scale=a, rejected=float(rejected),
+                               overshoot_after=f)
 
     @staticmethod
     def _measure(fn) -> float:
