@@ -1,0 +1,583 @@
+"""TRL 1.16 adapter: the corrected GRPO loss and ClipAwareAdamW in ``GRPOTrainer`` by a one-line swap.
+
+::
+
+    from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer   # was: from trl import ...
+
+    args = GRPOFixConfig(output_dir="out", loss_type="uniform")          # the default
+    trainer = GRPOFixTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
+    trainer.train()
+
+What changes against ``trl.GRPOTrainer`` (everything else, generation, rewards, logging,
+checkpointing, vLLM-free DeepSpeed/DDP, is TRL's own code):
+
+- **Loss** (``_compute_loss``): TRL's fused log-prob path (``_get_per_token_logps_and_entropies``,
+  never materialising the logits) followed by :class:`grpo_fix.GroupSurrogateLoss`.
+  ``loss_type="uniform"`` is the corrected loss; TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``
+  and ``cispo`` map to the presets of the same name with TRL's hyper-parameters (epsilon,
+  epsilon_high, delta, beta, use_bias_correction_kl, importance_sampling_level), so with
+  ``prefix_consistent=False`` the loss equals TRL's (tested to 1e-6, value and gradients).
+- **Exact window normaliser**: a *window* is the ``gradient_accumulation_steps`` consecutive
+  micro-batches of one optimizer step.  TRL buffers ``steps_per_generation`` micro-batches per
+  generation batch and replays them ``num_iterations`` times; its ``dapo`` normaliser
+  ``num_items_in_batch / P * GA / spg`` is the mean window size, exact only when
+  ``steps_per_generation == gradient_accumulation_steps``.  Here every buffered micro-batch
+  carries the global (all ranks) valid-token count of each window it belongs to (key
+  :data:`WINDOW_TOKENS_KEY`, one entry per replay), computed at generation time, so
+  ``uniform``/``dapo`` weigh every token of the window by exactly ``1 / N_window``.  The loss is
+  returned already scaled for gradient accumulation (TRL's ``loss_is_scaled_for_ga``) and
+  multiplied by the number of processes (gradients are averaged over ranks).
+- **Prefix-consistent advantages** (``prefix_consistent=True``): computed right after TRL scores
+  a generation batch, over whole groups (TRL spreads a group over processes, so the completion
+  ids, masks and advantages are gathered, padded to a common length, and this process's rows
+  sliced back), stored as per-token ``advantages`` (B, T).
+- **Group-preserving shuffle**: when ``per_device_train_batch_size`` is a multiple of
+  ``num_generations`` the buffered micro-batches hold whole groups (TRL shuffles rows; we shuffle
+  groups), so the loss also measures W_agg, the shared-prefix gradient aggregate of Prop. 1.
+- **ClipAwareAdamW** (``optimizer="clip_aware_adamw"``, the default): installed by
+  ``create_optimizer`` with HF's decay/no-decay groups, the only route that survives DeepSpeed
+  (transformers silently drops ``optimizers=`` there).  Each window's
+  :class:`~grpo_fix.TrustRegionSignal` is summed over its micro-batches, all-reduced over ranks
+  and handed to the optimizer (``observe``) in the last micro-batch's ``_compute_loss``, i.e.
+  *before* the backward that, under DeepSpeed, runs the optimizer step; the first window of every
+  generation batch is flagged ``rollout_start``.  With ``clip_aware_backtrack=True`` the trainer
+  supplies the no-grad re-measure of the last micro-batch (``set_backtrack_fn``).
+- **Metrics** (``self._metrics[mode]``, logged by TRL): ``clip_ratio/low_mean``,
+  ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``entropy``, ``kl`` (beta > 0), and per
+  window ``grpo_fix/kappa``, ``grpo_fix/overshoot_fraction``, ``grpo_fix/clip_fraction``,
+  ``grpo_fix/max_excess``, ``grpo_fix/w_agg``, ``grpo_fix/w_agg_abs`` (whole-group micro-batches
+  only) and the optimizer's ``clip_aware/kappa``, ``clip_aware/alpha``,
+  ``clip_aware/overshoot_fraction``, ``clip_aware/backtracks``.
+
+Not supported (a clear ``ValueError`` at config time): vLLM importance-sampling correction, the
+entropy bonus / entropy mask, and TRL's ``sapo``, ``vespo``, ``luspo`` loss types.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+
+from grpo_fix import GroupSurrogateLoss, PRESETS, SurrogateConfig, TrustRegionSignal, prefix_consistent_advantages
+from grpo_fix.config import GROUP_CONSTANT_WEIGHTINGS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GRPOFixConfig",
+    "GRPOFixTrainer",
+    "LOSS_TYPES",
+    "OPTIMIZERS",
+    "WINDOW_TOKENS_KEY",
+    "surrogate_config_from_args",
+    "validate_deepspeed_config",
+]
+
+#: ``loss_type`` values accepted by :class:`GRPOFixConfig`, mapped to :data:`grpo_fix.PRESETS`.
+LOSS_TYPES: dict[str, str] = {
+    "uniform": "uniform",
+    "dapo": "dapo",
+    "grpo": "grpo",
+    "bnpo": "bnpo",
+    "dr_grpo": "dr_grpo",
+    "cispo": "cispo",
+}
+OPTIMIZERS = ("clip_aware_adamw", "adamw")
+
+#: Key of the per-micro-batch tensor ``(num_iterations,)`` float64 holding, for each replay of the
+#: buffered micro-batch, the global valid-token count of the optimizer window it belongs to.
+WINDOW_TOKENS_KEY = "grpo_fix_window_tokens"
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+def _load_ds_config(ds: Any) -> dict | None:
+    if ds is None:
+        return None
+    if isinstance(ds, dict):
+        return ds
+    if isinstance(ds, (str, os.PathLike)) and os.path.isfile(ds):
+        with open(ds) as f:
+            return json.load(f)
+    if isinstance(ds, str):
+        try:
+            return json.loads(ds)
+        except ValueError:
+            return None
+    cfg = getattr(ds, "config", None)  # HfDeepSpeedConfig
+    return cfg if isinstance(cfg, dict) else None
+
+
+def validate_deepspeed_config(cfg: dict | None, optimizer: str = "clip_aware_adamw") -> None:
+    """Refuse DeepSpeed configs that would silently replace ClipAwareAdamW (messages name the fix).
+
+    - an ``"optimizer"`` block: transformers then builds DeepSpeed's optimizer (``DummyOptim``) and
+      ignores ``create_optimizer``;
+    - ``offload_optimizer`` to a device without ``"zero_force_ds_cpu_optimizer": false``:
+      accelerate swaps the optimizer for ``DeepSpeedCPUAdam``, keeping only lr and weight decay.
+    """
+    if not cfg or optimizer != "clip_aware_adamw":
+        return
+    if "optimizer" in cfg:
+        raise ValueError(
+            "optimizer='clip_aware_adamw' but the DeepSpeed config has an 'optimizer' block "
+            f"({cfg['optimizer'].get('type', '?') if isinstance(cfg['optimizer'], dict) else cfg['optimizer']!r}): "
+            "transformers would build DeepSpeed's optimizer and silently drop ClipAwareAdamW. Remove the "
+            "'optimizer' block from the DeepSpeed config (a 'scheduler' block may stay), or set optimizer='adamw'."
+        )
+    zero = cfg.get("zero_optimization") or {}
+    off = zero.get("offload_optimizer") or {}
+    device = off.get("device", "none") if isinstance(off, dict) else "none"
+    if device not in (None, "none") and cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(
+            f"optimizer='clip_aware_adamw' with zero_optimization.offload_optimizer.device={device!r}: accelerate "
+            "would replace ClipAwareAdamW with DeepSpeedCPUAdam (keeping only lr and weight_decay). Add "
+            '"zero_force_ds_cpu_optimizer": false to the DeepSpeed config (grpo_fix.integration.deepspeed.'
+            "clip_aware_deepspeed_config does it), or set offload_optimizer.device='none'."
+        )
+
+
+@dataclass
+class GRPOFixConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the grpo-fix switches.
+
+    Args (beyond ``GRPOConfig``'s):
+        loss_type: ``"uniform"`` (default: the corrected loss, 1/N_window per token, token ratios),
+            or TRL's ``"dapo"``, ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"cispo"`` (same math as TRL,
+            except that ``dapo`` uses the exact window token count).
+        prefix_consistent: prefix-consistent clipping (class-mean advantages over shared prefixes,
+            computed at generation time over whole groups).  Only defined for token ratios with a
+            group-constant weighting (``uniform``, ``dapo``, ``bnpo``, ``dr_grpo``); for the other
+            loss types the default ``True`` is switched off with a warning.
+        optimizer: ``"clip_aware_adamw"`` (default) or ``"adamw"`` (TRL's ``args.optim``).
+        clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_backtrack: the
+            :class:`grpo_fix.clip_aware_adamw.ClipAwareAdamW` mechanisms.
+    """
+
+    loss_type: str = field(
+        default="uniform",
+        metadata={"help": f"One of {tuple(LOSS_TYPES)}; 'uniform' is the corrected loss."},
+    )
+    prefix_consistent: bool = field(
+        default=True,
+        metadata={"help": "Prefix-consistent clipping (token ratios and uniform/dapo/bnpo/dr_grpo only)."},
+    )
+    optimizer: str = field(default="clip_aware_adamw", metadata={"help": f"One of {OPTIMIZERS}."})
+    clip_aware_gate: bool = field(default=True, metadata={"help": "Scale carried momentum by kappa."})
+    clip_aware_controller: bool = field(default=True, metadata={"help": "Trust-region step multiplier alpha."})
+    clip_aware_tau: float = field(default=0.02, metadata={"help": "Overshoot-fraction threshold."})
+    clip_aware_backtrack: bool = field(
+        default=False, metadata={"help": "Backtrack steps past the trust region (one extra no-grad forward)."}
+    )
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"unknown loss_type {self.loss_type!r} for GRPOFixConfig; choose one of {tuple(LOSS_TYPES)} "
+                "(TRL's sapo/vespo/luspo are not supported by grpo-fix: use trl.GRPOTrainer for them)"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.loss_type == "uniform" and self.importance_sampling_level != "token":
+            raise ValueError(
+                f"loss_type='uniform' needs token-level importance ratios, got importance_sampling_level="
+                f"{self.importance_sampling_level!r}: a sequence ratio differs across completions that share a "
+                "prefix and breaks the cancellation of Prop. 1. Set importance_sampling_level='token', or use "
+                "loss_type='grpo' (GSPO) / 'dapo' for sequence-level ratios."
+            )
+        if self.loss_type == "cispo" and self.importance_sampling_level != "token":
+            raise ValueError("loss_type='cispo' with grpo-fix needs importance_sampling_level='token'")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "GRPOFixTrainer does not apply vLLM's importance-sampling correction; set "
+                "vllm_importance_sampling_correction=False or use trl.GRPOTrainer"
+            )
+        if self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                "GRPOFixTrainer does not support the entropy mask or bonus; set top_entropy_quantile=1.0, "
+                "entropy_coef=0.0 and use_adaptive_entropy=False"
+            )
+        if self.prefix_consistent:
+            weighting = PRESETS[LOSS_TYPES[self.loss_type]].weighting
+            ratio = PRESETS[LOSS_TYPES[self.loss_type]].ratio
+            if weighting not in GROUP_CONSTANT_WEIGHTINGS or ratio != "token" or self.importance_sampling_level != "token":
+                logger.warning(
+                    "prefix_consistent=True is only defined for token ratios with a group-constant weighting "
+                    "(uniform, dapo, bnpo, dr_grpo); switching it off for loss_type=%r", self.loss_type
+                )
+                self.prefix_consistent = False
+        validate_deepspeed_config(_load_ds_config(self.deepspeed), self.optimizer)
+        super().__post_init__()
+        ga, spg, mu = self.gradient_accumulation_steps, self.steps_per_generation, self.num_iterations
+        if (spg * mu) % ga != 0:
+            raise ValueError(
+                f"steps_per_generation * num_iterations = {spg} * {mu} must be a multiple of "
+                f"gradient_accumulation_steps = {ga} for the exact window normaliser (an optimizer window must "
+                "not span two generation batches); raise steps_per_generation or num_iterations, or lower "
+                "gradient_accumulation_steps"
+            )
+
+
+def surrogate_config_from_args(args: GRPOConfig) -> SurrogateConfig:
+    """The :class:`grpo_fix.SurrogateConfig` equivalent to a (GRPOFix)Config's loss settings.
+
+    Prefix-consistent advantages are computed at generation time by the trainer, so the returned
+    config has ``prefix_consistent=False`` (the loss sees per-token advantages already).
+    """
+    preset = PRESETS[LOSS_TYPES[args.loss_type]]
+    eps_low = args.epsilon
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    kw: dict[str, Any] = dict(
+        beta=args.beta,
+        kl_estimator="k3",
+        kl_times_ratio=bool(args.use_bias_correction_kl),
+        prefix_consistent=False,
+        delta=args.delta,
+        off_policy_mask_threshold=args.off_policy_mask_threshold,
+        max_completion_length=args.max_completion_length,
+    )
+    if preset.ratio == "sg_logp":  # CISPO: TRL caps the IS weight at the raw epsilon_high, no lower bound
+        kw.update(eps_low=1.0, eps_high=eps_high - 1.0, delta=None)
+    else:
+        kw.update(eps_low=eps_low, eps_high=eps_high)
+        if args.importance_sampling_level == "sequence":
+            kw["ratio"] = "sequence"
+    return preset.replace(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# trainer
+# ------------------------------------------------------------------------------------------------
+class GRPOFixTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with the grpo-fix loss, exact window normaliser and ClipAwareAdamW.
+
+    Takes the same arguments as ``GRPOTrainer``; ``args`` should be a :class:`GRPOFixConfig` (a
+    plain ``GRPOConfig`` is converted, keeping its ``loss_type``).  See the module docstring.
+    """
+
+    def __init__(self, *args, **kwargs):
+        a = kwargs.get("args")
+        if a is not None and not isinstance(a, GRPOFixConfig):
+            raise TypeError("GRPOFixTrainer needs args=GRPOFixConfig(...) (a trl.GRPOConfig subclass)")
+        super().__init__(*args, **kwargs)
+        self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args))
+        self._gf_window_signal: TrustRegionSignal | None = None
+        self._gf_window_wagg: torch.Tensor | None = None
+        self._gf_whole_groups = False
+        self._gf_optimizer = None
+        self.add_callback(_ClipAwareStatsCallback(self))
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def _clip_aware_kwargs(self) -> dict:
+        a = self.args
+        return dict(
+            lr=a.learning_rate,
+            betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_epsilon,
+            gate=a.clip_aware_gate,
+            controller=a.clip_aware_controller,
+            tau=a.clip_aware_tau,
+            backtrack=a.clip_aware_backtrack,
+        )
+
+    def create_optimizer(self, model=None):
+        """ClipAwareAdamW with HF's decay / no-decay groups (``optimizer="clip_aware_adamw"``).
+
+        transformers' ``deepspeed_init`` calls this too, so it is also the optimizer DeepSpeed
+        wraps.  A user-supplied ``optimizers=(opt, ...)`` (no DeepSpeed) is kept as is.
+        """
+        if self.args.optimizer != "clip_aware_adamw" or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+
+        saved = self.optimizer_cls_and_kwargs
+        self.optimizer_cls_and_kwargs = (ClipAwareAdamW, self._clip_aware_kwargs())
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = saved
+
+    def clip_aware_optimizer(self):
+        """The optimizer object that actually steps: ``engine.basic_optimizer`` under DeepSpeed,
+        else ``self.optimizer`` unwrapped from accelerate's ``AcceleratedOptimizer``.  Asserts it is
+        a ClipAwareAdamW when ``optimizer="clip_aware_adamw"``; returns None for ``"adamw"`` or
+        before the optimizer exists."""
+        if self._gf_optimizer is not None:
+            return self._gf_optimizer
+        if self.args.optimizer != "clip_aware_adamw" or self.optimizer is None:
+            return None
+        from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+
+        engine = getattr(self, "model_wrapped", None)
+        is_ds = getattr(self, "is_deepspeed_enabled", False) and hasattr(engine, "basic_optimizer")
+        if is_ds:
+            opt = engine.basic_optimizer
+        else:
+            opt = self.optimizer
+            while not isinstance(opt, ClipAwareAdamW) and hasattr(opt, "optimizer"):
+                opt = opt.optimizer
+        if not isinstance(opt, ClipAwareAdamW):
+            raise RuntimeError(
+                f"optimizer='clip_aware_adamw' but the optimizer that steps is {type(opt).__name__}: something "
+                "replaced ClipAwareAdamW (a DeepSpeed 'optimizer' block, offload without "
+                "'zero_force_ds_cpu_optimizer': false, or optimizers=(...) passed to the trainer). Fix the "
+                "DeepSpeed config or pass optimizer='adamw'."
+            )
+        if is_ds:
+            try:
+                from grpo_fix.integration.deepspeed import attach_deepspeed
+            except ImportError:  # pragma: no cover - the DeepSpeed helper is optional
+                attach_deepspeed = None
+            if attach_deepspeed is not None and getattr(opt, "_deepspeed", None) is None:
+                attach_deepspeed(opt, engine)
+        self._gf_optimizer = opt
+        return opt
+
+    # -- generation time -------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.args.prefix_consistent:
+            mode = "train" if self.model.training else "eval"
+            group = self.num_generations if mode == "train" else self.num_generations_eval
+            out["advantages"] = self._prefix_consistent_local(out, group)
+        return out
+
+    def _loss_mask(self, batch) -> torch.Tensor:
+        mask = batch["completion_mask"]
+        if batch.get("tool_mask") is not None:
+            mask = mask * batch["tool_mask"]
+        return mask
+
+    def _prefix_consistent_local(self, out: dict, group_size: int) -> torch.Tensor:
+        """Prefix-consistent per-token advantages of this process's rows, computed over whole groups
+        (gathered from all processes, padded to a common completion length)."""
+        ids, mask, adv = out["completion_ids"], self._loss_mask(out), out["advantages"]
+        B, T = ids.shape
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
+            pad_id = 0 if pad_id is None else pad_id
+            ids_all = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))
+            mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0))
+            adv_all = acc.gather(adv if adv.dim() == 1 else acc.pad_across_processes(adv, dim=1, pad_index=0))
+            start = acc.process_index * B
+        else:
+            ids_all, mask_all, adv_all, start = ids, mask, adv, 0
+        pc = prefix_consistent_advantages(ids_all, adv_all.float(), group_size, mask_all)
+        return pc[start : start + B, :T].contiguous()
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL 1.16's ``_prepare_inputs`` (train: generate every ``spg * num_iterations`` micro-steps,
+        shuffle, split into ``spg`` buffered micro-batches), with a group-preserving shuffle when
+        micro-batches can hold whole groups, and the window token counts attached."""
+        mode = "train" if self.model.training else "eval"
+        if mode != "train":
+            return super()._prepare_inputs(generation_batch)
+        spg = self.args.steps_per_generation
+        generate_every = spg * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = split_pixel_values_by_grid(batch)
+            batch = self._shuffle(batch)
+            batches = split_tensor_dict(batch, spg)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
+            self._attach_window_tokens(self._buffered_inputs)
+        return self._buffered_inputs[self._step % spg]
+
+    def _shuffle(self, batch: dict) -> dict:
+        from trl.trainer.utils import shuffle_sequence_dict
+
+        G = self.num_generations
+        n = len(batch["completion_ids"])
+        self._gf_whole_groups = (
+            n % G == 0 and self.args.per_device_train_batch_size % G == 0 and "pixel_values" not in batch
+        )
+        if not self._gf_whole_groups:
+            return shuffle_sequence_dict(batch)
+        perm = (torch.randperm(n // G)[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+
+        def permute(v):
+            if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+                return v
+            if isinstance(v, torch.Tensor):
+                return v[perm.to(v.device)]
+            return [v[i] for i in perm.tolist()]
+
+        return {k: permute(v) for k, v in batch.items()}
+
+    def _attach_window_tokens(self, buffered: list[dict]) -> None:
+        """Store in each buffered micro-batch the global token count of its window, per replay."""
+        spg, mu, ga = self.args.steps_per_generation, self.num_iterations, self.args.gradient_accumulation_steps
+        device = buffered[0]["completion_mask"].device
+        local = torch.stack([self._loss_mask(b).sum().to(torch.float64) for b in buffered]).to(device)
+        counts = self.accelerator.gather(local[None, :]).reshape(-1, spg).sum(0) if self.accelerator.num_processes > 1 else local
+        steps = torch.arange(spg * mu, device=device)
+        window_of_step = steps // ga
+        per_step = counts[steps % spg]
+        window_tokens = torch.zeros(int(window_of_step.max()) + 1, dtype=torch.float64, device=device)
+        window_tokens.index_add_(0, window_of_step, per_step)
+        for i, b in enumerate(buffered):
+            b[WINDOW_TOKENS_KEY] = window_tokens[window_of_step[i::spg]].clone()
+
+    # -- loss ------------------------------------------------------------------------------------
+    def _window_position(self) -> tuple[int, int, bool]:
+        """(index of this micro-step in its window, window size, first window of the generation batch)."""
+        ga = self.args.gradient_accumulation_steps
+        k = self._step % (self.args.steps_per_generation * self.num_iterations)
+        return k % ga, ga, k // ga == 0
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = self._loss_mask(inputs)
+        mode = "train" if self.model.training else "eval"
+
+        def logps_and_entropies(compute_entropy: bool):
+            return self._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=self.aux_loss_enabled and compute_entropy,
+                pixel_values=inputs.get("pixel_values"),
+                image_grid_thw=inputs.get("image_grid_thw"),
+                num_images=inputs.get("num_images"),
+                pixel_attention_mask=inputs.get("pixel_attention_mask"),
+                spatial_shapes=inputs.get("spatial_shapes"),
+                num_tiles=inputs.get("num_tiles"),
+                image_sizes=inputs.get("image_sizes"),
+                token_type_ids=inputs.get("token_type_ids"),
+                mm_token_type_ids=inputs.get("mm_token_type_ids"),
+                image_position_ids=inputs.get("image_position_ids"),
+            )
+
+        per_token_logps, entropies, aux_loss = logps_and_entropies(True)
+        P = self.accelerator.num_processes
+
+        if mode == "train":
+            pos, ga, first_window = self._window_position()
+            num_micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            if WINDOW_TOKENS_KEY in inputs:
+                replay = (self._step % (self.args.steps_per_generation * self.num_iterations)) // self.args.steps_per_generation
+                n_window = inputs[WINDOW_TOKENS_KEY][replay]
+            else:  # inputs not buffered by our _prepare_inputs: TRL's mean-window approximation
+                n_window = inputs["num_items_in_batch"].double() / P * num_micro / self.args.steps_per_generation
+        else:
+            pos, ga, first_window, num_micro = 0, 1, False, 1
+            n_window = inputs["num_items_in_batch"].double()
+
+        whole_groups = mode == "train" and self._gf_whole_groups and completion_ids.size(0) % self.num_generations == 0
+        loss_kwargs = dict(
+            group_size=self.num_generations if whole_groups else None,
+            completion_ids=completion_ids if whole_groups else None,
+            ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            num_window_tokens=n_window,
+            num_micro_batches=num_micro,
+            dp_size=P,
+        )
+        old = inputs.get("old_per_token_logps")
+        out = self.surrogate(per_token_logps, old, inputs["advantages"], mask, **loss_kwargs)
+        loss = out.loss
+        if self.aux_loss_enabled and aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / (num_micro if mode == "train" else 1.0)
+
+        # -- window signal -> optimizer (before this micro-batch's backward) ----------------------
+        metrics = self._metrics[mode]
+        if mode == "train":
+            sig = out.signal.detach()
+            wagg = torch.stack([out.metrics["w_agg"], out.metrics["w_agg_abs"]]).double() if whole_groups else None
+            if pos == 0 or self._gf_window_signal is None:
+                self._gf_window_signal, self._gf_window_wagg = sig, wagg
+            else:
+                self._gf_window_signal = self._gf_window_signal + sig
+                if wagg is not None and self._gf_window_wagg is not None:
+                    self._gf_window_wagg = self._gf_window_wagg + wagg
+            if pos == ga - 1:
+                window = self._gf_window_signal.all_reduce().with_rollout_start(first_window)
+                opt = self.clip_aware_optimizer()
+                if opt is not None:
+                    opt.observe(window)
+                    if opt.backtrack:
+                        opt.set_backtrack_fn(self._make_backtrack_fn(logps_and_entropies, old, inputs, mask, loss_kwargs))
+                    stats = opt.last_stats
+                    metrics["clip_aware/kappa"].append(float(stats["kappa"]))
+                    metrics["clip_aware/alpha"].append(float(stats["alpha"]))
+                    metrics["clip_aware/overshoot_fraction"].append(float(stats["overshoot_fraction"]))
+                d = window.as_dict()
+                metrics["grpo_fix/kappa"].append(d["kappa"])
+                metrics["grpo_fix/overshoot_fraction"].append(d["overshoot_fraction"])
+                metrics["grpo_fix/clip_fraction"].append(d["clip_fraction"])
+                metrics["grpo_fix/max_excess"].append(d["max_excess"])
+                if self._gf_window_wagg is not None:
+                    wa = self.accelerator.reduce(self._gf_window_wagg, reduction="sum") if P > 1 else self._gf_window_wagg
+                    metrics["grpo_fix/w_agg"].append(float(wa[0]))
+                    metrics["grpo_fix/w_agg_abs"].append(float(wa[1]))
+                self._gf_window_signal, self._gf_window_wagg = None, None
+
+        # -- per-micro-batch metrics (one collective) ------------------------------------------------
+        with torch.no_grad():
+            m = mask.to(torch.float64)
+            n_valid = m.sum()
+            parts = [
+                n_valid,
+                out.metrics["clip_low"].double() * n_valid,
+                out.metrics["clip_high"].double() * n_valid,
+                out.metrics["clip_region"].double() * n_valid,
+                (entropies.double() * m).sum() if entropies is not None else n_valid.new_zeros(()),
+                out.metrics["kl"].double() * n_valid if "kl" in out.metrics else n_valid.new_zeros(()),
+            ]
+            totals = torch.stack(parts)
+            if P > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            totals = totals.tolist()
+        denom = max(totals[0], 1.0)
+        metrics["clip_ratio/low_mean"].append(totals[1] / denom)
+        metrics["clip_ratio/high_mean"].append(totals[2] / denom)
+        metrics["clip_ratio/region_mean"].append(totals[3] / denom)
+        metrics["entropy"].append(totals[4] / denom)
+        if self.beta != 0.0:
+            metrics["kl"].append(totals[5] / denom)
+        if self.aux_loss_enabled and aux_loss is not None:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return loss
+
+    def _make_backtrack_fn(self, logps_fn, old, inputs, mask, loss_kwargs):
+        """The no-grad re-measure that ClipAwareAdamW's backtrack calls after a step: the last
+        micro-batch's loss with the current parameters, signal all-reduced over ranks."""
+        advantages = inputs["advantages"]
+
+        def remeasure() -> TrustRegionSignal:
+            with torch.no_grad():
+                logps, _, _ = logps_fn(False)
+                sig = self.surrogate(logps, old, advantages, mask, **loss_kwargs).signal
+            return sig.all_reduce()
+
+        return remeasure
+
+
+class _ClipAwareStatsCallback(TrainerCallback):
+    """Logs the optimizer's post-step stats (backtracks) after each optimizer step (``on_step_end``
+    runs after the real step, with or without DeepSpeed, and before TRL logs)."""
+
+    def __init__(self, trainer: GRPOFixTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        opt = self.trainer._gf_optimizer
+        if opt is not None and getattr(opt, "backtrack", False):
+            self.trainer._metrics["train"]["clip_aware/backtracks"].append(float(opt.last_stats.get("backtracks", 0.0)))
+        return control

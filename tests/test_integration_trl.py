@@ -1,0 +1,430 @@
+"""grpo_fix.integration.trl: GRPOFixTrainer on TRL 1.16 with a tiny random Qwen2 (CPU, no hub).
+
+- trains 3 steps (default, num_iterations=2, GA 2 with steps_per_generation 4, beta > 0, backtrack);
+- the window normaliser is exact: one optimizer step's accumulated gradient is identical for
+  gradient accumulation 1, 2 and 4, and equals the full-window loss when spg != GA;
+- parity with TRL's own ``_compute_loss`` (value and gradients) for grpo/bnpo/dr_grpo/dapo/cispo;
+- TRL + DeepSpeed ZeRO-2/3 on 2 gloo ranks: ClipAwareAdamW is what steps, kappa equal on ranks;
+- bad configurations fail with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import trl  # noqa: E402
+from tiny_trl import build_dataset, build_model, build_tokenizer, reward_len, save_tiny  # noqa: E402
+
+from grpo_fix import GroupSurrogateLoss  # noqa: E402
+from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTrainer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+BASE = dict(
+    use_cpu=True,
+    bf16=False,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    gradient_checkpointing=False,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny_qwen2")))
+
+
+def make_args(tmp_path, **kw):
+    return GRPOFixConfig(output_dir=str(tmp_path), **{**BASE, **kw})
+
+
+def make_trainer(tmp_path, tok, model=None, **kw):
+    model = build_model(tok, seed=0) if model is None else model
+    args = make_args(tmp_path, **kw)
+    return GRPOFixTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(),
+                          processing_class=tok)
+
+
+# ------------------------------------------------------------------------------------------------
+# training end to end
+# ------------------------------------------------------------------------------------------------
+TRAIN_VARIANTS = {
+    "default": {},
+    "num_iterations_2": dict(num_iterations=2),
+    "ga2_spg4": dict(gradient_accumulation_steps=2, steps_per_generation=4),
+    "beta": dict(beta=0.04, num_iterations=2),
+    "backtrack": dict(num_iterations=2, clip_aware_backtrack=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(TRAIN_VARIANTS))
+def test_trains_three_steps(variant, tmp_path, tok, tiny_path):
+    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+
+    kw = TRAIN_VARIANTS[variant]
+    model = tiny_path if kw.get("beta", 0) > 0 else build_model(tok, seed=0)
+    trainer = make_trainer(tmp_path, tok, model=model, **kw)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    observed = []
+    orig_observe = ClipAwareAdamW.observe
+
+    def recording_observe(self, signal, **k):
+        observed.append(signal)
+        return orig_observe(self, signal, **k)
+
+    ClipAwareAdamW.observe = recording_observe
+    try:
+        trainer.train()
+    finally:
+        ClipAwareAdamW.observe = orig_observe
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before)), "parameters did not change"
+
+    opt = trainer.clip_aware_optimizer()
+    assert isinstance(opt, ClipAwareAdamW)
+    assert trainer.optimizer.optimizer is opt  # accelerate wraps it; it is the one that steps
+    for key in ("clip_aware/kappa", "clip_aware/alpha", "clip_aware/overshoot_fraction", "grpo_fix/kappa",
+                "grpo_fix/clip_fraction", "grpo_fix/w_agg", "clip_ratio/region_mean", "entropy"):
+        assert all(key in h for h in logs), key
+    # one observe per optimizer step, rollout_start on the first window of each generation batch
+    ga, spg, mu = trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation, trainer.num_iterations
+    windows_per_gen = spg * mu // ga
+    assert [s.rollout_start for s in observed] == [i % windows_per_gen == 0 for i in range(3)]
+    if mu > 1 and not kw.get("clip_aware_backtrack"):  # replays move the ratios: some window clips
+        assert min(h["grpo_fix/kappa"] for h in logs) < 1.0
+    assert all(abs(h["grpo_fix/w_agg_abs"]) < 1e-6 for h in logs)  # corrected loss: Prop. 1 cancellation
+    if kw.get("beta", 0) > 0:
+        assert all("kl" in h and math.isfinite(h["kl"]) for h in logs)
+    if kw.get("clip_aware_backtrack"):
+        assert opt._backtrack_fn is not None
+        assert all("clip_aware/backtracks" in h for h in logs)
+        assert max(h["clip_aware/backtracks"] for h in logs) > 0  # lr 1e-2 overshoots: steps pulled back
+        assert max(h["grpo_fix/overshoot_fraction"] for h in logs) <= opt.tau  # ... into the trust region
+
+
+def test_plain_adamw_option(tmp_path, tok):
+    trainer = make_trainer(tmp_path, tok, optimizer="adamw", max_steps=1)
+    trainer.train()
+    assert trainer.clip_aware_optimizer() is None
+    assert type(trainer.optimizer.optimizer) is torch.optim.AdamW
+    assert "grpo_fix/kappa" in trainer.state.log_history[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# a fixed, deterministic generation batch (generation and reward monkeypatched away)
+# ------------------------------------------------------------------------------------------------
+def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, beta=False):
+    """Prompt/completion ids with shared prefixes inside groups, ragged lengths, group-centred
+    advantages, and old/ref log-probs perturbed from the seed-0 model so ratios clip."""
+    g = torch.Generator().manual_seed(seed)
+    V = len(tok)
+    prompt_ids = torch.randint(5, V, (n_rows, prompt_len), generator=g)
+    prompt_mask = torch.ones(n_rows, prompt_len, dtype=torch.long)
+    prompt_mask[::3, 0] = 0  # some left padding
+    prompt_ids[prompt_mask == 0] = tok.pad_token_id
+    completion_ids = torch.randint(5, V, (n_rows, comp_len), generator=g)
+    for s in range(0, n_rows, group):  # whole group shares 2 tokens, pairs share a 3rd and 4th
+        completion_ids[s:s + group, :2] = completion_ids[s, :2]
+        completion_ids[s + 1, :4] = completion_ids[s, :4]
+    lengths = torch.randint(2, comp_len + 1, (n_rows,), generator=g)
+    completion_mask = (torch.arange(comp_len)[None, :] < lengths[:, None]).long()
+    completion_ids[completion_mask == 0] = tok.pad_token_id
+    rewards = torch.randn(n_rows, generator=g)
+    grouped = rewards.view(-1, group)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
+
+    model = build_model(tok, seed=0)
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        am = torch.cat([prompt_mask, completion_mask], 1)
+        logits = model(input_ids=ids, attention_mask=am).logits[:, prompt_len - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    out = dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=advantages,
+        num_items_in_batch=completion_mask.sum(),
+        old_per_token_logps=old,
+    )
+    if beta:
+        out["ref_per_token_logps"] = logp + 0.2 * torch.randn(logp.shape, generator=g)
+    return out
+
+
+@pytest.fixture
+def patch_generation(monkeypatch):
+    """Make TRL's generation + scoring return a fixed batch (our override still post-processes it)."""
+
+    def install(batch):
+        def fake(self, inputs):
+            return {k: v.clone() for k, v in batch.items()}
+
+        monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", fake)
+
+    return install
+
+
+def run_window(trainer, num_micro: int, start_step: int = 0):
+    """Drive TRL's buffering + our _compute_loss over one optimizer window; return (loss sum, grads)."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    total = 0.0
+    for k in range(start_step, start_step + num_micro):
+        trainer._step = k
+        inputs = trainer._prepare_inputs([{"prompt": "unused"}])
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        total += loss.item()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# exact window normaliser
+# ------------------------------------------------------------------------------------------------
+def test_window_gradient_independent_of_accumulation(tmp_path, tok, patch_generation):
+    batch = fixed_generation(tok, n_rows=16)
+    patch_generation(batch)
+    results = {}
+    for ga in (1, 2, 4):
+        torch.manual_seed(ga)  # a different shuffle for each run: the window sum must not care
+        trainer = make_trainer(tmp_path / f"ga{ga}", tok, per_device_train_batch_size=16 // ga,
+                               gradient_accumulation_steps=ga, num_iterations=2)
+        results[ga] = run_window(trainer, ga)
+        assert trainer.args.steps_per_generation == ga
+        logged = trainer._metrics["train"]
+        assert logged["grpo_fix/kappa"][-1] < 1.0  # the perturbed old log-probs make ratios clip
+        assert abs(logged["grpo_fix/w_agg_abs"][-1]) < 1e-6  # whole groups, prefix-consistent: exact 0
+    loss1, g1 = results[1]
+    assert any(g.abs().max() > 1e-4 for g in g1.values())
+    for ga in (2, 4):
+        loss, g = results[ga]
+        assert abs(loss - loss1) < 1e-6
+        assert g.keys() == g1.keys()
+        for name in g1:
+            torch.testing.assert_close(g[name], g1[name], rtol=0, atol=1e-6, msg=f"GA={ga} {name}")
+
+
+def test_window_normaliser_exact_when_spg_differs_from_ga(tmp_path, tok, patch_generation):
+    """spg=4, GA=2: two windows per generation batch; TRL's dapo divides each by the *mean* window
+    size, we by each window's exact token count, i.e. the gradient equals the full-window loss."""
+    batch = fixed_generation(tok, n_rows=16, seed=1)
+    patch_generation(batch)
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, tok, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                           steps_per_generation=4)
+    loss, grads = run_window(trainer, 2)
+    buf = trainer._buffered_inputs
+    counts = [int(b["completion_mask"].sum()) for b in buf]
+    assert [int(b[WINDOW_TOKENS_KEY][0]) for b in buf] == [counts[0] + counts[1]] * 2 + [counts[2] + counts[3]] * 2
+    trl_mean_window = int(batch["completion_mask"].sum()) / 2
+    assert counts[0] + counts[1] != trl_mean_window  # TRL's normaliser would be off for this batch
+
+    # reference: the uniform loss over the window's rows in one call (normaliser = its own tokens)
+    rows = {k: torch.cat([buf[0][k], buf[1][k]]) for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                           "completion_mask", "advantages", "old_per_token_logps")}
+    trainer.model.zero_grad(set_to_none=True)
+    ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
+    am = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
+    logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, rows["completion_ids"].size(1))
+    ref = GroupSurrogateLoss("uniform", prefix_consistent=False)(
+        logp, rows["old_per_token_logps"], rows["advantages"], rows["completion_mask"], group_size=None
+    ).loss
+    ref.backward()
+    assert abs(float(ref) - loss) < 1e-6
+    for n, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-6, msg=n)
+
+
+def test_prefix_consistent_advantages_at_generation(tmp_path, tok, patch_generation):
+    from grpo_fix import prefix_consistent_advantages
+
+    batch = fixed_generation(tok, n_rows=8)
+    patch_generation(batch)
+    trainer = make_trainer(tmp_path, tok, per_device_train_batch_size=8)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([{"prompt": "unused"}])
+    expect = prefix_consistent_advantages(batch["completion_ids"], batch["advantages"], 4, batch["completion_mask"])
+    torch.testing.assert_close(out["advantages"], expect)
+    assert out["advantages"].shape == batch["completion_ids"].shape
+    # the whole-group shared prefix (first 2 tokens) gets the group mean: 0
+    assert out["advantages"][:, :2].abs().max() < 1e-5
+    plain = batch["advantages"][:, None].expand(-1, 8)
+    valid = batch["completion_mask"].bool()
+    assert not torch.allclose(out["advantages"][valid], plain[valid])  # it did change shared prefixes
+
+
+# ------------------------------------------------------------------------------------------------
+# parity with TRL's own _compute_loss
+# ------------------------------------------------------------------------------------------------
+PARITY = [
+    ("grpo", {}),
+    ("bnpo", {}),
+    ("dr_grpo", {}),
+    ("dapo", {}),
+    ("cispo", dict(epsilon_high=5.0)),
+    ("grpo", dict(beta=0.04)),
+    ("dapo", dict(beta=0.04, epsilon_high=0.28)),
+    ("grpo", dict(importance_sampling_level="sequence")),
+]
+
+
+@pytest.mark.parametrize("loss_type,extra", PARITY, ids=[f"{lt}-{'-'.join(f'{k}={v}' for k, v in e.items())}"
+                                                        for lt, e in PARITY])
+def test_parity_with_trl_compute_loss(loss_type, extra, tmp_path, tok, tiny_path, patch_generation):
+    beta = extra.get("beta", 0.0) > 0
+    batch = fixed_generation(tok, n_rows=8, seed=2, beta=beta)
+    patch_generation(batch)
+    trainer = make_trainer(tmp_path, tok, model=tiny_path if beta else None, loss_type=loss_type,
+                           prefix_consistent=False, gradient_accumulation_steps=2, **extra)
+    assert trainer.args.steps_per_generation == 2
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    trainer._step = 1  # last micro-batch of the window (exercises the signal path too)
+    trainer._buffered_inputs = None
+    inputs = trainer._prepare_inputs([{"prompt": "unused"}])
+    assert inputs["advantages"].dim() == 1
+
+    def value_and_grads(fn):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = fn(trainer, trainer.model, inputs)
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    ours, g_ours = value_and_grads(GRPOFixTrainer._compute_loss)
+    theirs, g_trl = value_and_grads(trl.GRPOTrainer._compute_loss)
+    assert abs(theirs) > 1e-6 or beta
+    assert abs(ours - theirs) < 1e-6, (ours, theirs)
+    assert g_ours.keys() == g_trl.keys()
+    for n in g_trl:
+        torch.testing.assert_close(g_ours[n], g_trl[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad configurations
+# ------------------------------------------------------------------------------------------------
+def test_unknown_loss_type(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown loss_type 'gspo'.*'uniform'.*'dapo'"):
+        make_args(tmp_path, loss_type="gspo")
+    with pytest.raises(ValueError, match="choose one of"):
+        make_args(tmp_path, loss_type="sapo")
+
+
+def test_sequence_ratio_with_uniform(tmp_path):
+    with pytest.raises(ValueError, match=r"importance_sampling_level='token'"):
+        make_args(tmp_path, loss_type="uniform", importance_sampling_level="sequence")
+    make_args(tmp_path, loss_type="grpo", importance_sampling_level="sequence")  # GSPO is fine
+
+
+def test_unknown_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="clip_aware_adamw"):
+        make_args(tmp_path, optimizer="sgd")
+
+
+def test_window_must_not_span_generations(tmp_path):
+    with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
+        make_args(tmp_path, gradient_accumulation_steps=4, steps_per_generation=2)
+
+
+DS_BASE = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+
+
+def test_deepspeed_optimizer_block_refused(tmp_path):
+    cfg = dict(DS_BASE, optimizer={"type": "AdamW", "params": {"lr": 1e-5}})
+    with pytest.raises(ValueError, match=r"Remove the 'optimizer' block"):
+        make_args(tmp_path, deepspeed=cfg)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'optimizer' block"):
+        make_args(tmp_path, deepspeed=str(path))
+
+
+def test_deepspeed_offload_without_flag_refused(tmp_path):
+    cfg = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match=r'"zero_force_ds_cpu_optimizer": false'):
+        make_args(tmp_path, deepspeed=cfg)
+
+
+def test_wrong_optimizer_detected(tmp_path, tok):
+    """If something replaced ClipAwareAdamW (here: a user optimizer), the trainer says so."""
+    model = build_model(tok, seed=0)
+    args = make_args(tmp_path, max_steps=1)
+    trainer = GRPOFixTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(),
+                             processing_class=tok, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(RuntimeError, match="replaced ClipAwareAdamW"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL + DeepSpeed, 2 gloo ranks
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trl_deepspeed_two_ranks(stage, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "report.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reports = json.loads(out.read_text())
+    assert len(reports) == 2
+    for r in reports:
+        assert r["deepspeed"] and r["num_processes"] == 2
+        assert r["basic_optimizer"] == "ClipAwareAdamW"
+        assert r["real_is_basic"] and r["real_is_clip_aware"]
+        assert r["step_calls"] >= 3  # it is the optimizer that actually steps (>= once per engine step)
+        assert r["params_changed"]
+        assert len(r["observed"]) == 3
+        assert [o["rollout_start"] for o in r["observed"]] == [True, False, True]
+        assert all(math.isfinite(x) for x in r["losses"])
+    k0 = [o["kappa"] for o in reports[0]["observed"]]
+    k1 = [o["kappa"] for o in reports[1]["observed"]]
+    assert k0 == k1
+    assert min(k0) < 1.0  # the replayed window clipped: a non-trivial kappa
+    assert [o["alpha"] for o in reports[0]["observed"]] == [o["alpha"] for o in reports[1]["observed"]]
+    # the window covers both ranks' tokens (all-reduced signal)
+    assert reports[0]["observed"][0]["num_tokens"] == 2 * 4 * 8

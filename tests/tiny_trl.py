@@ -1,0 +1,107 @@
+"""A tiny random Qwen2 model, a locally trained tokenizer and a prompt dataset, built in code.
+
+Shared by the TRL integration tests, the 2-rank DeepSpeed workers and the CPU example: no hub
+access is ever needed (``HF_HUB_OFFLINE=1``).  Everything is deterministic for a given seed.
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0)
+    ds = build_dataset()
+    path = save_tiny(dir)          # model + tokenizer on disk (needed for beta > 0: TRL loads the
+                                   # reference model from ``config._name_or_path``)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "what is 2 + 2 ?",
+    "hello world",
+    "count to five: one two three four five",
+    "write a short poem about the sea and the sky",
+    "the quick brown fox jumps over the lazy dog",
+    "abcdefghijklmnopqrstuvwxyz 0123456789",
+    "a b c d e f g h i j k l m n o p",
+] * 8
+
+PROMPTS = ["what is 2 + 2 ?", "hello world", "count to five:", "write a short poem"]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` (left padding, as TRL expects)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|eos|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A randomly initialised 2-layer Qwen2ForCausalLM (~30k parameters at hidden 32)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def build_dataset(n_repeat: int = 8):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": PROMPTS * n_repeat})
+
+
+def save_tiny(directory: str, seed: int = 0) -> str:
+    """Save the tiny model + tokenizer to ``directory`` and return it (a loadable model path)."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def reward_len(completions, **kwargs):
+    """Prefer completions of about 10 characters (any deterministic, non-constant reward works)."""
+    return [-abs(len(c) - 10) / 10 for c in completions]
+
+
+def reward_char(completions, **kwargs):
+    """Share of the letter 'o' in the completion (a second, learnable reward)."""
+    return [c.count("o") / max(len(c), 1) for c in completions]
