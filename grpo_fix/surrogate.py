@@ -356,12 +356,12 @@ def _diagnostics(cfg, valid, terms: TokenTerms, alpha, classes, group_size):
     if kl is not None:
         metrics["kl"] = (kl * m).sum() / n_valid
     if classes is not None:
-        coefficient = _logp_gradient_coefficient(cfg, coeff, zeroed, m, terms.lengths)
+        coefficient = logp_gradient_coefficient(cfg, coeff, zeroed, m, terms.lengths)
         metrics["w_agg"], metrics["w_agg_abs"] = whole_group_prefix_aggregate(classes, coefficient, valid, group_size)
     return signal, metrics
 
 
-def _logp_gradient_coefficient(cfg, coeff, zeroed, m, lengths):
+def logp_gradient_coefficient(cfg, coeff, zeroed, m, lengths):
     """``-dL_adv/dlogp_{i,t}``: the signed gradient coefficient of each token's log-prob.
 
     Token-level and IS-weighted ratios: ``alpha A s`` where not clipped.  Sequence ratios spread
