@@ -1,0 +1,137 @@
+"""DeepSpeed integration for :class:`grpo_fix.ClipAwareAdamW` (checked on DeepSpeed 0.19.8).
+
+Usage::
+
+    from grpo_fix import ClipAwareAdamW
+    from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
+
+    opt = ClipAwareAdamW(model.parameters(), lr=1e-6)
+    cfg = clip_aware_deepspeed_config(ds_config)          # validates / completes the config
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    attach_deepspeed(opt, engine)                          # checks nobody swapped the optimizer
+    for window in windows:
+        sig = TrustRegionSignal.zeros()
+        for mb in window:                                  # gradient accumulation
+            out = loss_fn(...); engine.backward(out.loss); sig = sig + out.signal
+            ...
+        opt.observe(sig.all_reduce(opt_group), ...)       # or opt.observe(sig, all_reduce=True)
+        engine.step()
+
+What the optimizer relies on (see ``shared/DESIGN.md`` section 2): under ZeRO-1/2 ``step()`` runs
+once per param group on one flat fp32 partition, under ZeRO-3 once per sub-group with the other
+groups' ``params`` emptied, with bf16/fp16 and no ZeRO once more during ``deepspeed.initialize``
+(zero gradients).  ClipAwareAdamW is elementwise with per-group scalars latched at ``observe``,
+so all of these give the non-distributed result, provided every rank observes the same signal:
+all-reduce it once per window over the data-parallel group (``signal.all_reduce(group)``),
+outside ``step()``.  Backtracking needs the stepped tensors to be the model's parameters, which
+holds only without ZeRO in fp32; :func:`attach_deepspeed` refuses it otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["attach_deepspeed", "clip_aware_deepspeed_config"]
+
+
+def clip_aware_deepspeed_config(config: dict, *, offload: bool | None = None) -> dict:
+    """Return a copy of a DeepSpeed config completed for a client :class:`ClipAwareAdamW`.
+
+    - sets ``zero_allow_untested_optimizer: true`` (a subclass of AdamW fails DeepSpeed's exact
+      type check under every ZeRO stage);
+    - with optimizer offload (``zero_optimization.offload_optimizer.device`` not ``"none"``) sets
+      ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed raises, and accelerate silently
+      replaces the optimizer with ``DeepSpeedCPUAdam``);
+    - ``offload=True`` adds ``offload_optimizer: {"device": "cpu"}`` (needs ZeRO stage >= 1),
+      ``offload=False`` refuses a config that offloads, ``None`` keeps what the config says.
+
+    Raises ``ValueError`` (naming the fix) when the config has an ``"optimizer"`` block (DeepSpeed,
+    transformers and accelerate would then build their own optimizer instead of ours) or a
+    partial offload (``offload_optimizer.ratio < 1`` requires DeepSpeedCPUAdam).
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict (a parsed DeepSpeed JSON config), got {type(config).__name__}")
+    cfg = copy.deepcopy(config)
+    if "optimizer" in cfg:
+        raise ValueError(
+            "the DeepSpeed config has an \"optimizer\" block: remove it and pass the optimizer instance, "
+            "deepspeed.initialize(optimizer=ClipAwareAdamW(...)) (with an \"optimizer\" block DeepSpeed/"
+            "transformers build their own optimizer and ours is silently ignored, accelerate raises); "
+            "a \"scheduler\" block may stay"
+        )
+    zero = cfg.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0) or 0)
+    off = zero.get("offload_optimizer") or {}
+    device = str(off.get("device", "none") or "none").lower()
+    offloading = device != "none"
+    if offload is True and not offloading:
+        if stage < 1:
+            raise ValueError("offload=True needs ZeRO stage >= 1: set zero_optimization.stage to 1, 2 or 3")
+        cfg.setdefault("zero_optimization", {})["offload_optimizer"] = {**off, "device": "cpu"}
+        off, offloading = cfg["zero_optimization"]["offload_optimizer"], True
+    elif offload is False and offloading:
+        raise ValueError(
+            f"offload=False but zero_optimization.offload_optimizer.device is {device!r}: set it to \"none\" "
+            "or call with offload=None/True"
+        )
+    if offloading:
+        ratio = float(off.get("ratio", 1.0))
+        if ratio < 1.0:
+            raise ValueError(
+                f"zero_optimization.offload_optimizer.ratio={ratio} (partial offload) only works with "
+                "DeepSpeedCPUAdam (DeepSpeed asserts the optimizer type); set ratio to 1.0 (full offload) "
+                "or remove offload_optimizer"
+            )
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
+    """Check that ``engine`` steps ``optimizer`` and tell the optimizer about the engine.
+
+    Asserts ``engine.basic_optimizer is optimizer``: transformers' Trainer (and TRL) drop an
+    optimizer *instance* under DeepSpeed and build a stock AdamW, and accelerate replaces it with
+    DeepSpeedCPUAdam under ZeRO-Offload unless ``"zero_force_ds_cpu_optimizer": false``.
+    Records the ZeRO stage, the data-parallel process group (used by
+    ``optimizer.observe(signal, all_reduce=True)``) and whether backtracking is possible (only
+    stage 0 in fp32, where the stepped tensors are the model's parameters); raises ``ValueError``
+    if ``backtrack=True`` cannot work.  Returns the optimizer.
+    """
+    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+
+    if not isinstance(optimizer, ClipAwareAdamW):
+        raise TypeError(f"attach_deepspeed expects a ClipAwareAdamW, got {type(optimizer).__name__}")
+    basic = getattr(engine, "basic_optimizer", None)
+    if basic is not optimizer:
+        raise RuntimeError(
+            f"the DeepSpeed engine does not step this ClipAwareAdamW (engine.basic_optimizer is "
+            f"{type(basic).__name__}). Known causes: transformers' Trainer / TRL discard an optimizer "
+            "instance under DeepSpeed (use trainer.optimizer_cls_and_kwargs = (ClipAwareAdamW, kwargs) or "
+            "override create_optimizer()); accelerate swaps in DeepSpeedCPUAdam under ZeRO-Offload unless "
+            "the config sets \"zero_force_ds_cpu_optimizer\": false (see clip_aware_deepspeed_config); an "
+            "\"optimizer\" block in the DeepSpeed config makes DeepSpeed build its own"
+        )
+    stage = int(engine.zero_optimization_stage())
+    low_precision = bool(engine.bfloat16_enabled() or engine.fp16_enabled())
+    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+    refuse = None
+    if stage > 0 or low_precision:
+        refuse = (
+            f"ClipAwareAdamW(backtrack=True) is not supported under DeepSpeed with ZeRO stage {stage}"
+            f"{' and bf16/fp16' if low_precision else ''}: the optimizer steps fp32 master "
+            "partitions and DeepSpeed copies them into the model's parameters only after step(), so the "
+            "re-measured ratios would not see the pulled-back step. Use backtrack=False (gate + "
+            "controller) or ZeRO stage 0 in fp32"
+        )
+    optimizer._deepspeed = {
+        "stage": stage,
+        "process_group": group,
+        "low_precision": low_precision,
+        "offload": bool(getattr(engine, "zero_cpu_offload", lambda: False)()),
+        "refuse_backtrack": refuse,
+    }
+    if refuse and optimizer.backtrack:
+        raise ValueError(refuse)
+    return optimizer
