@@ -26,13 +26,13 @@ from grpo_fix.prefix import prefix_classes
 from grpo_fix.surrogate import SurrogateOutput, surrogate_loss, token_advantages, token_terms, window_alpha
 from grpo_fix.validation import check_shapes
 
-from .logits_loss import resolve_loss_config
+from .logits_loss import PackedLayout, _check_packed_len, resolve_loss_config
 from .logprob import SUPPORTED_LOGIT_DTYPES, check_device, logprob_backward, logprob_forward
 
 TOKEN_LOCAL_RATIOS = ("token", "sg_logp", "logp")
 
 
-def _check_linear(hidden, weight, bias, B, T):
+def _check_linear(hidden, weight, bias, B, T, packed=False):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be (N, H) or (B, T, H), got {getattr(hidden, 'shape', type(hidden))}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -55,7 +55,10 @@ def _check_linear(hidden, weight, bias, B, T):
                 f"bias must be ({weight.shape[0]},) {weight.dtype} on {weight.device}, got {tuple(bias.shape)} "
                 f"{bias.dtype} on {bias.device}"
             )
-    if hidden.dim() == 3:
+    if packed:
+        if hidden.dim() != 2:
+            raise ValueError(f"with cu_seqlens, hidden must be packed (N, H), got {tuple(hidden.shape)}")
+    elif hidden.dim() == 3:
         if tuple(hidden.shape[:2]) != (B, T):
             raise ValueError(f"hidden shape {tuple(hidden.shape)} does not match mask (B, T) = {(B, T)}")
     elif hidden.shape[0] != B * T:
@@ -130,7 +133,8 @@ def _forward_chunks(hidden, weight, bias, st):
     cdt, dev = hidden.dtype, hidden.device
     need_dx, need_dw, need_db = st["need_dx"], st["need_dw"], st["need_db"]
     need_grad = need_dx or need_dw or need_db
-    h2 = hidden.reshape(N, H)
+    h2 = hidden.reshape(-1, H)
+    row_map = st.get("row_map")  # packed inputs: flat (B, T_max) position -> hidden row
     ids_flat = st["ids"].reshape(-1)
     adv, alpha = st["adv"], st["alpha"]
     old, ref = st["old_logp"], st["ref_logp"]
@@ -141,7 +145,7 @@ def _forward_chunks(hidden, weight, bias, st):
     max_n = max((int(idx.numel()) for idx, _ in plan), default=0)
     buf = torch.empty((max_n, V), dtype=cdt, device=dev) if max_n else None
     logp_flat = torch.zeros(N, dtype=torch.float32, device=dev)
-    dX = torch.zeros((N, H), dtype=cdt, device=dev) if need_dx else None
+    dX = torch.zeros((h2.shape[0], H), dtype=cdt, device=dev) if need_dx else None
     dW32 = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_dw else None
     db32 = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db else None
     alpha_flat = alpha.expand(B, T).reshape(-1) if token_local else None
@@ -150,7 +154,8 @@ def _forward_chunks(hidden, weight, bias, st):
         n = int(idx.numel())
         if n == 0:
             continue
-        x_c = h2.index_select(0, idx)
+        hrows = idx if row_map is None else row_map.index_select(0, idx)
+        x_c = h2.index_select(0, hrows)
         logits_c = _gemm(buf[:n], x_c, weight, bias)
         ids_c = ids_flat.index_select(0, idx)
         logp_c, lse_c = logprob_forward(logits_c, ids_c, None, temp, save_lse=need_grad)
@@ -181,7 +186,7 @@ def _forward_chunks(hidden, weight, bias, st):
             dlogp = torch.zeros_like(logp_c)
         dlogits = logprob_backward(logits_c, ids_c, None, lse_c, dlogp, temp, inplace=True)
         if need_dx:
-            dX.index_copy_(0, idx, torch.mm(dlogits, weight))
+            dX.index_copy_(0, hrows, torch.mm(dlogits, weight))
         if need_dw:
             _acc_mm(dW32, dlogits.t(), x_c)
         if need_db:
@@ -223,6 +228,7 @@ def linear_surrogate_loss(
     num_micro_batches: int = 1,
     dp_size: int = 1,
     chunk_tokens: int = 4096,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SurrogateOutput:
     """The surrogate of ``cfg`` on ``log_softmax((hidden W^T + b) / temperature)[completion_ids]``
     without materialising the ``[N, V]`` logits.
@@ -233,12 +239,30 @@ def linear_surrogate_loss(
       (``requires_grad=False``, e.g. LoRA) skips the dW GEMM.  ``bias`` ``(V,)`` optional.
     - ``chunk_tokens``: valid tokens per chunk (token-level ratios) or ``chunk_tokens // T`` whole
       rows per chunk (sequence ratios / off-policy mask); the chunk buffer is ``[chunk, V]``.
+    - ``cu_seqlens`` ``(B + 1,)``: packed (padding-free) inputs: ``hidden`` ``(N, H)`` and
+      ``completion_ids`` / ``mask`` (None: all) / ``old_logp`` / ``ref_logp`` ``(N,)``,
+      ``advantages`` ``(B,)`` or ``(N,)``; the loss is that of the padded ``(B, T_max)`` batch.
     - every other argument is that of :func:`grpo_fix.surrogate_loss`.
 
     Gradients (dX in the hidden dtype, dW / db accumulated in fp32 and returned in the weight
     dtype) are computed during forward; ``backward()`` only scales them, and can run once.
     """
     cfg = resolve_loss_config(cfg_or_loss_fn)
+    row_map = None
+    if cu_seqlens is not None:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+            raise ValueError(f"with cu_seqlens, hidden must be packed (N, H), got {getattr(hidden, 'shape', None)}")
+        total = hidden.shape[0]
+        if mask is None:
+            mask = torch.ones(total, dtype=torch.bool, device=hidden.device)
+        _check_packed_len(total, completion_ids=completion_ids, mask=mask, old_logp=old_logp, ref_logp=ref_logp)
+        lay = PackedLayout(cu_seqlens.to(hidden.device), total)
+        if advantages.dim() == 1 and advantages.shape[0] == total and total != lay.B:
+            advantages = lay.pad(advantages, "advantages")
+        completion_ids = lay.pad(completion_ids, "completion_ids")
+        old_logp, ref_logp = lay.pad(old_logp, "old_logp"), lay.pad(ref_logp, "ref_logp")
+        mask = lay.pad(mask.to(torch.bool), "mask", False)
+        row_map = lay.index.reshape(-1)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be (B, T), got {getattr(mask, 'shape', type(mask))}")
     if chunk_tokens < 1:
@@ -246,7 +270,7 @@ def linear_surrogate_loss(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = mask.shape
-    _check_linear(hidden, weight, bias, B, T)
+    _check_linear(hidden, weight, bias, B, T, packed=row_map is not None)
     if completion_ids is None or completion_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError("completion_ids must be an int64 / int32 (B, T) tensor")
     dummy = torch.zeros((B, T), dtype=torch.float32, device=hidden.device)
@@ -276,7 +300,7 @@ def linear_surrogate_loss(
         advantages=advantages, mask=mask, group_size=group_size, num_window_tokens=num_window_tokens,
         num_window_seqs=num_window_seqs, num_micro_batches=num_micro_batches, dp_size=dp_size,
         token_local=cfg.ratio in TOKEN_LOCAL_RATIOS and cfg.off_policy_mask_threshold is None,
-        temperature=float(temperature), chunk_tokens=int(chunk_tokens),
+        temperature=float(temperature), chunk_tokens=int(chunk_tokens), row_map=row_map,
         need_dx=grad_on and hidden.requires_grad,
         need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad,
@@ -315,7 +339,7 @@ def linear_logprobs(
     idx_all = valid.nonzero().squeeze(1)
     out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     if idx_all.numel():
-        h2 = hidden.reshape(N, H)
+        h2 = hidden.reshape(-1, H)
         ids_flat = ids2.reshape(-1)
         buf = torch.empty((min(chunk_tokens, idx_all.numel()), V), dtype=hidden.dtype, device=hidden.device)
         for idx in idx_all.split(chunk_tokens):

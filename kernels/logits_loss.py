@@ -27,6 +27,49 @@ def resolve_loss_config(cfg_or_loss_fn) -> SurrogateConfig:
     )
 
 
+class PackedLayout:
+    """Padded ``(B, T_max)`` view of a packed (padding-free) batch described by ``cu_seqlens``.
+
+    ``index[b, t]`` is the packed row of position (b, t) (0 for padding) and ``valid[b, t]`` says
+    whether the position exists (``t < len_b``).  Building it needs one host sync (``T_max``).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, total: int) -> None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D tensor [0, len_0, len_0 + len_1, ...] of B + 1 offsets")
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        cu = cu_seqlens.to(torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0 or last != total or bool((lengths < 0).any()):
+            raise ValueError(
+                f"cu_seqlens must start at 0, be non-decreasing and end at the packed length {total}; "
+                f"got start {first}, end {last}"
+            )
+        self.B = lengths.numel()
+        self.T = max(int(lengths.max()), 1)
+        t = torch.arange(self.T, device=cu.device)
+        self.valid = t[None, :] < lengths[:, None]
+        self.index = torch.where(self.valid, cu[:-1, None] + t[None, :], torch.zeros((), dtype=torch.int64,
+                                                                                     device=cu.device))
+
+    def pad(self, x: torch.Tensor | None, name: str, fill=0) -> torch.Tensor | None:
+        """A packed ``(N,)`` tensor as ``(B, T_max)`` (differentiable gather; ``fill`` at padding)."""
+        if x is None:
+            return None
+        if x.dim() != 1:
+            raise ValueError(f"with cu_seqlens, {name} must be packed (N,), got {tuple(x.shape)}")
+        out = x[self.index]
+        return torch.where(self.valid, out, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def _check_packed_len(layout_total: int, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and (t.dim() != 1 or t.shape[0] != layout_total):
+            raise ValueError(f"with cu_seqlens, {name} must be packed ({layout_total},), got {tuple(t.shape)}")
+
+
 def logits_surrogate_loss(
     cfg_or_loss_fn,
     logits: torch.Tensor,
@@ -43,6 +86,7 @@ def logits_surrogate_loss(
     num_micro_batches: int = 1,
     dp_size: int = 1,
     inplace_backward: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SurrogateOutput:
     """The surrogate of ``cfg`` on ``log_softmax(logits / temperature)[completion_ids]``.
 
@@ -54,10 +98,41 @@ def logits_surrogate_loss(
       and W_agg when ``group_size`` is given (whole groups).
     - every other argument is that of :func:`grpo_fix.surrogate_loss`.
 
+    - ``cu_seqlens`` ``(B + 1,)``: packed (padding-free) inputs: ``logits`` ``(N, V)``,
+      ``completion_ids`` / ``mask`` / ``old_logp`` / ``ref_logp`` ``(N,)`` (``mask`` may be None:
+      all tokens), ``advantages`` ``(B,)`` or ``(N,)``; sequence b is rows
+      ``cu_seqlens[b]:cu_seqlens[b+1]``.  The loss is that of the padded ``(B, T_max)`` batch.
+
     Returns the :class:`SurrogateOutput` of :func:`grpo_fix.surrogate_loss` (loss with grad to
     ``logits``, signal, metrics).
     """
     cfg = resolve_loss_config(cfg_or_loss_fn)
+    if cu_seqlens is not None:
+        if logits.dim() != 2:
+            raise ValueError(f"with cu_seqlens, logits must be packed (N, V), got {tuple(logits.shape)}")
+        total = logits.shape[0]
+        if mask is None:
+            mask = torch.ones(total, dtype=torch.bool, device=logits.device)
+        _check_packed_len(total, completion_ids=completion_ids, mask=mask, old_logp=old_logp, ref_logp=ref_logp)
+        lay = PackedLayout(cu_seqlens.to(logits.device), total)
+        if advantages.dim() == 1 and advantages.shape[0] == total and total != lay.B:
+            advantages = lay.pad(advantages, "advantages")
+        logp_packed = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
+        valid = lay.pad(mask.to(torch.bool), "mask", False)
+        return surrogate_loss(
+            cfg,
+            lay.pad(logp_packed, "logp"),
+            lay.pad(old_logp, "old_logp"),
+            advantages,
+            valid,
+            group_size=group_size,
+            completion_ids=lay.pad(completion_ids, "completion_ids") if group_size is not None else None,
+            ref_logp=lay.pad(ref_logp, "ref_logp"),
+            num_window_tokens=num_window_tokens,
+            num_window_seqs=num_window_seqs,
+            num_micro_batches=num_micro_batches,
+            dp_size=dp_size,
+        )
     if completion_ids.dim() != 2 or logits.dim() != 3:
         raise ValueError(
             f"logits_surrogate_loss needs logits (B, T, V) and completion_ids (B, T), got {tuple(logits.shape)} "

@@ -1,7 +1,8 @@
 """grpo_fix.kernels against the torch oracle (``log_softmax(z.float() / T).gather`` + ``surrogate_loss``).
 
 CPU runs use the Triton interpreter (conftest sets TRITON_INTERPRET=1); shapes are small so every
-launch stays around <= 1000 program-iterations.  GPU-only numerics tests skip without CUDA.
+launch stays around <= 1000 program-iterations.  GPU-only numerics tests skip without CUDA and under
+the interpreter; on a GPU machine run them with ``TRITON_INTERPRET=0 pytest tests/test_kernels.py -k gpu``.
 """
 
 from __future__ import annotations
@@ -422,7 +423,10 @@ def test_linear_logprobs(temperature):
 # ----------------------------------------------------------------------------- GPU only
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="needs CUDA and compiled (not interpreted) Triton kernels",
+)
 
 
 def _cos(a, b):
@@ -430,7 +434,6 @@ def _cos(a, b):
 
 
 @cuda
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiled kernels only")
 def test_gpu_bf16_numerics_logits_and_linear():
     torch.manual_seed(0)
     dev = "cuda"
@@ -465,3 +468,83 @@ def test_gpu_bf16_numerics_logits_and_linear():
     out = logits_surrogate_loss("grpo", ze * 1, ids, old, adv, mask, group_size=G)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(ze.grad).all()
+
+
+# ----------------------------------------------------------------------------- packed (cu_seqlens) inputs
+
+
+def packed_case(seed=0, G=3, H=16, V=320):
+    """Six sequences of lengths (incl. 0) packed back to back, a loss mask with holes."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 3, 0, 7, 1, 4])
+    B, T = lengths.numel(), int(lengths.max())
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    N = int(cu[-1])
+    ids_pad = torch.randint(0, V, (B, T), generator=g)
+    ids_pad[1, :2] = ids_pad[0, :2]  # shared prefix inside group 0
+    ids = torch.cat([ids_pad[b, : lengths[b]] for b in range(B)])
+    mask = torch.rand(N, generator=g) > 0.15
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.4
+    with torch.no_grad():
+        lp = oracle_logp(hidden @ weight.t(), ids)
+    old = lp + torch.randn(N, generator=g) * 0.3
+    ref = lp + torch.randn(N, generator=g) * 0.3
+    adv = group_advantages(torch.randn(B, generator=g), G)
+    return dict(cu=cu, lengths=lengths, B=B, T=T, ids=ids, mask=mask, hidden=hidden, weight=weight, old=old, ref=ref,
+                adv=adv, G=G, logits=hidden @ weight.t())
+
+
+def pad_ref(x, d, fill=0):
+    """Independent padding of a packed (N,) tensor to (B, T) (differentiable)."""
+    pieces = [x[int(d["cu"][b]): int(d["cu"][b + 1])] for b in range(d["B"])]
+    return torch.stack([torch.nn.functional.pad(p, (0, d["T"] - p.numel()), value=fill) for p in pieces])
+
+
+def packed_oracle(cfg, d, z, use_ref):
+    return surrogate_loss(
+        cfg, pad_ref(oracle_logp(z, d["ids"]), d), pad_ref(d["old"], d), d["adv"], pad_ref(d["mask"], d, False),
+        group_size=d["G"], completion_ids=pad_ref(d["ids"], d), ref_logp=pad_ref(d["ref"], d) if use_ref else None,
+    )
+
+
+@pytest.mark.parametrize("name,beta", [("uniform", 0.0), ("grpo", 0.05), ("gspo", 0.0)])
+def test_packed_logits_and_linear(name, beta):
+    d = packed_case(seed=sum(map(ord, name)))
+    cfg = cfg_for(name, beta)
+    if name == "gspo":
+        cfg = cfg.replace(eps_low=0.05, eps_high=0.05)
+    use_ref = beta > 0
+    ref_logp = d["ref"] if use_ref else None
+    zr = d["logits"].clone().requires_grad_(True)
+    ref = packed_oracle(cfg, d, zr, use_ref)
+    ref.loss.backward()
+    z = d["logits"].clone().requires_grad_(True)
+    out = logits_surrogate_loss(cfg, z * 1, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
+                                ref_logp=ref_logp, cu_seqlens=d["cu"])
+    out.loss.backward()
+    assert_outputs_close(out, ref)
+    torch.testing.assert_close(z.grad, zr.grad, **TOL)
+
+    hr, Wr = d["hidden"].clone().requires_grad_(True), d["weight"].clone().requires_grad_(True)
+    ref = packed_oracle(cfg, d, hr @ Wr.t(), use_ref)
+    ref.loss.backward()
+    for chunk in (4, 50):
+        h, W = d["hidden"].clone().requires_grad_(True), d["weight"].clone().requires_grad_(True)
+        out = linear_surrogate_loss(cfg, h, W, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
+                                    ref_logp=ref_logp, chunk_tokens=chunk, cu_seqlens=d["cu"])
+        out.loss.backward()
+        assert_outputs_close(out, ref)
+        torch.testing.assert_close(h.grad, hr.grad, **TOL)
+        torch.testing.assert_close(W.grad, Wr.grad, **TOL)
+
+
+def test_packed_errors():
+    d = packed_case()
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        logits_surrogate_loss("grpo", d["logits"], d["ids"], None, d["adv"], d["mask"], group_size=3,
+                              cu_seqlens=d["cu"][:-1])
+    with pytest.raises(ValueError, match="packed"):
+        linear_surrogate_loss("grpo", d["hidden"], d["weight"], d["ids"][:-1], None, d["adv"], d["mask"],
+                              group_size=3, cu_seqlens=d["cu"])
