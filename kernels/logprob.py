@@ -69,8 +69,8 @@ def _kernels():
         if valid:
             row = logits_ptr + b * s_lb + t * s_lt
             offs = tl.arange(0, BLOCK_V)
-            m = tl.full((), float("-inf"), tl.float32)
-            s = tl.zeros((), tl.float32)
+            m = float("-inf")  # running max and sum (fp32 scalars once the loop starts)
+            s = 0.0
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp

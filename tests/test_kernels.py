@@ -548,3 +548,21 @@ def test_packed_errors():
     with pytest.raises(ValueError, match="packed"):
         linear_surrogate_loss("grpo", d["hidden"], d["weight"], d["ids"][:-1], None, d["adv"], d["mask"],
                               group_size=3, cu_seqlens=d["cu"])
+
+
+def test_accepts_loss_module_and_preset_name():
+    from grpo_fix import GroupSurrogateLoss
+
+    d = make_batch(seed=99)
+    module = GroupSurrogateLoss("grpo", beta=0.02)
+    out_mod = logits_surrogate_loss(module, d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
+                                    ref_logp=d["ref"], inplace_backward=False)
+    ref = module(oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"], group_size=d["G"],
+                 completion_ids=d["ids"], ref_logp=d["ref"])
+    assert_outputs_close(out_mod, ref)
+    out_name = logits_surrogate_loss("dapo", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])
+    ref = surrogate_loss(PRESETS["dapo"], oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"],
+                         group_size=d["G"], completion_ids=d["ids"])
+    assert_outputs_close(out_name, ref)
+    with pytest.raises(ValueError, match="preset"):
+        logits_surrogate_loss("nope", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])
