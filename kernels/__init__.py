@@ -24,8 +24,8 @@ Entry points:
 ``import grpo_fix.kernels`` needs neither triton nor CUDA (triton is imported on first launch).
 Calling a kernel needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton
 is imported (tests); otherwise it raises ``RuntimeError``.  Unsupported dtypes, devices or shapes
-raise ``ValueError``.  Not supported yet: packed variable-length inputs (``cu_seqlens``); pass
-padded ``(B, T)`` tensors with a mask.
+raise ``ValueError``.  Packed (padding-free) inputs: pass ``cu_seqlens`` to either loss; position
+ids are not accepted (derive ``cu_seqlens`` from them).
 """
 
 from .linear_loss import linear_logprobs, linear_surrogate_loss
