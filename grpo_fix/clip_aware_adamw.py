@@ -92,8 +92,10 @@ Implementation notes
 - Kernels: CPU (and any non-Triton case) uses torch's own Adam kernels (``foreach``/``fused``/
   single-tensor, as the group asks) after scaling ``exp_avg`` by the gate's scalar (one
   ``_foreach_mul_``, only when it is not 1); CUDA uses the single-pass Triton kernel of
-  :mod:`grpo_fix.kernels.adamw_step` (``kernel="auto"``) where kappa and ``lr * alpha`` are
-  scalars of the one pass.
+  :mod:`grpo_fix.kernels.adamw_step` (``kernel="auto"``, one launch per tensor; not with
+  ``amsgrad``, complex params, a tensor lr or ``fused=True``, which keep torch's kernels) where
+  kappa and ``lr * alpha`` are scalars of the one pass.  On CPU pass ``fused=True`` for speed
+  (torch's default there is the single-tensor loop); see ``benchmarks/bench_optimizer.py``.
 - Non-finite input: ``nonfinite="skip"`` (default) skips a ``step()`` call whose gradients are
   not all finite, leaving parameters and state untouched and counting it in ``skipped_steps``;
   a non-finite signal marks its window invalid and every ``step()`` of that window is skipped
@@ -107,6 +109,7 @@ Implementation notes
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Callable
 
@@ -118,6 +121,13 @@ from .signal import TrustRegionSignal
 __all__ = ["ClipAwareAdamW"]
 
 _GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False}
+_ATTR_DEFAULTS: dict[str, Any] = {
+    "gate": True, "controller": True, "tau": 0.02, "backtrack": False, "shrink": 0.5, "grow": 1.25,
+    "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto", "skipped_steps": 0,
+    "last_stats": {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0},
+    "_backtrack_fn": None, "_deepspeed": None,
+}
+_PICKLED_ATTRS = tuple(k for k in _ATTR_DEFAULTS if not k.startswith("_"))
 
 
 class ClipAwareAdamW(torch.optim.AdamW):
@@ -212,8 +222,22 @@ class ClipAwareAdamW(torch.optim.AdamW):
             "kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0,
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; keep our knobs too (the
+        # backtrack callable and the DeepSpeed attachment are process-local and not kept)
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in _PICKLED_ATTRS if hasattr(self, k)})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        extra = {k: state.pop(k) for k in _PICKLED_ATTRS if k in state}
         super().__setstate__(state)
+        self.__dict__.update(extra)
+        for k, v in _ATTR_DEFAULTS.items():  # unpickled from an older/plain AdamW pickle
+            if not hasattr(self, k):
+                setattr(self, k, copy.deepcopy(v))
+        self._step_supports_amp_scaling = False
         for group in self.param_groups:
             for k, v in _GROUP_DEFAULTS.items():
                 group.setdefault(k, v)
@@ -276,6 +300,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
             "alpha": float(self.param_groups[0]["ca_alpha"]) if self.param_groups else 1.0,
             "overshoot_fraction": f,
             "backtracks": 0.0,
+            "skipped_steps": float(self.skipped_steps),
         }
 
     @property
@@ -352,7 +377,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         alpha = float(group["ca_alpha"]) if self.controller else 1.0
         m_scales = [kappa * float(self.state[p].pop("ca_m_scale", 1.0)) for p in params]
 
-        if self._use_triton(group, params, has_complex):
+        if self._use_triton(group, params, has_complex, state_steps):
             from grpo_fix.kernels.adamw_step import adamw_step_
 
             adamw_step_(
@@ -384,7 +409,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
             eps=group["eps"], maximize=group["maximize"],
         )
 
-    def _use_triton(self, group, params, has_complex) -> bool:
+    def _use_triton(self, group, params, has_complex, state_steps) -> bool:
         if self.kernel == "torch":
             return False
         ok = (
@@ -398,6 +423,9 @@ class ClipAwareAdamW(torch.optim.AdamW):
                 raise ValueError("kernel='triton' supports real, contiguous tensors without amsgrad and a float lr")
             return True
         if not ok or not all(p.is_cuda for p in params):
+            return False
+        if any(st.is_cuda for st in state_steps):
+            # fused=True hosts `step` on the GPU: reading it per tensor would sync; use torch's fused kernel
             return False
         from grpo_fix.kernels.adamw_step import triton_available
 

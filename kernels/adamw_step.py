@@ -69,8 +69,10 @@ def _kernel():
         p = p * decay
         m = beta1_m * m + one_minus_beta1 * g
         v = beta2 * v + one_minus_beta2 * (g * g)
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-        p = p - step_size * (m / denom)
+        # IEEE round-to-nearest sqrt/div (tl.sqrt and "/" lower to approximate PTX ops); the
+        # kernel is bandwidth-bound, so exact rounding costs nothing measurable
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)

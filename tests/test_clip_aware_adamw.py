@@ -728,3 +728,21 @@ def test_benchmark_script_smoke(tmp_path, capsys):
     assert res["AdamW foreach"]["ratio"] == 1.0
     assert "ClipAwareAdamW fused, kappa=0.7 alpha=0.5" in res
     assert "| 0.02M |" in capsys.readouterr().out
+
+
+def test_deepcopy_and_pickle_keep_knobs_and_state():
+    import pickle
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ClipAwareAdamW([p], tau=0.1, shrink=0.25, gate=False, foreach=True)
+    opt.observe(sig(overshoot=50))
+    p.grad = torch.randn(4)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.tau, clone.shrink, clone.gate, clone.alpha) == (0.1, 0.25, False, 0.25)
+        assert clone._backtrack_fn is None and clone._step_supports_amp_scaling is False
+        (q,) = clone.param_groups[0]["params"]
+        q.grad = p.grad.clone()
+        clone.observe(sig())
+        clone.step()
+        assert clone.alpha == pytest.approx(0.3125)
