@@ -47,6 +47,7 @@ from .validation import check_shapes, check_values
 #: |log-ratio| and |ref - logp| are clamped to this before ``exp`` (as verl and OpenRLHF do), so
 #: a ratio never overflows to inf; it only matters beyond ratios of e^20 ~ 4.9e8.
 LOG_RATIO_CLAMP = 20.0
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class GroupSurrogateLoss(nn.Module):
     Args:
         preset: a name of :data:`grpo_fix.PRESETS` (default ``"uniform"``, the corrected loss) or
             a :class:`SurrogateConfig`.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors in :meth:`forward_logits` /
+            :meth:`forward_hidden`, torch otherwise), ``"torch"`` or ``"triton"``.  :meth:`forward`
+            takes log-probs and is plain torch (its math is launch bound, ~1 ms).
         **overrides: fields of :class:`SurrogateConfig` to change (e.g. ``beta=0.04``).
 
     Call::
@@ -92,9 +96,12 @@ class GroupSurrogateLoss(nn.Module):
     - ``dp_size``: data-parallel ranks whose gradients are averaged.
     """
 
-    def __init__(self, preset: str | SurrogateConfig | None = "uniform", **overrides) -> None:
+    def __init__(self, preset: str | SurrogateConfig | None = "uniform", *, backend: str = "auto", **overrides) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = resolve_config(preset, **overrides)
+        self.backend = backend
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
@@ -128,6 +135,62 @@ class GroupSurrogateLoss(nn.Module):
             num_micro_batches=num_micro_batches,
             dp_size=dp_size,
         )
+
+
+    def forward_logits(self, logits: torch.Tensor, completion_ids: torch.Tensor, old_logp, advantages, mask, *,
+                       group_size: int | None, temperature: float = 1.0, **window) -> SurrogateOutput:
+        """The loss from materialised logits ``(B, T, V)`` or ``(B, T + 1, V)`` (last position unused).
+
+        ``backend="triton"`` (or ``"auto"`` on CUDA) runs :func:`grpo_fix.kernels.logits_surrogate_loss`:
+        one pass for the log-probs, the gradient written in place into ``logits`` (do not reuse
+        them after backward); ``"torch"`` computes ``log_softmax(logits / T)`` in fp32 (the oracle).
+        ``window`` takes the keyword arguments of :meth:`forward` (``ref_logp``, ``num_window_tokens``, ...).
+        """
+        if self._use_triton(logits):
+            from grpo_fix.kernels import logits_surrogate_loss
+
+            return logits_surrogate_loss(self, logits, completion_ids, old_logp, advantages, mask,
+                                         group_size=group_size, temperature=temperature, **window)
+        logp = _torch_selective_logprob(logits[:, : completion_ids.shape[1]], completion_ids, temperature)
+        return self(logp, old_logp, advantages, mask, group_size=group_size,
+                    completion_ids=completion_ids if group_size else None, **window)
+
+    def forward_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, completion_ids: torch.Tensor, old_logp,
+                       advantages, mask, *, group_size: int | None, bias: torch.Tensor | None = None,
+                       temperature: float = 1.0, chunk_tokens: int = 4096, **window) -> SurrogateOutput:
+        """The loss from the last hidden states ``(B, T, H)`` and ``lm_head.weight`` ``(V, H)``.
+
+        ``backend="triton"`` (or ``"auto"`` on CUDA) never materialises the ``[tokens, V]`` logits
+        (:func:`grpo_fix.kernels.linear_surrogate_loss`: chunked, three GEMMs, fp32 dW); ``"torch"``
+        materialises them (the oracle).
+        """
+        if self._use_triton(hidden):
+            from grpo_fix.kernels import linear_surrogate_loss
+
+            return linear_surrogate_loss(self, hidden, weight, completion_ids, old_logp, advantages, mask,
+                                         group_size=group_size, bias=bias, temperature=temperature,
+                                         chunk_tokens=chunk_tokens, **window)
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        logp = _torch_selective_logprob(logits, completion_ids, temperature)
+        return self(logp, old_logp, advantages, mask, group_size=group_size,
+                    completion_ids=completion_ids if group_size else None, **window)
+
+    def _use_triton(self, t: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        from grpo_fix.kernels import is_available
+
+        if self.backend == "triton":
+            if not is_available(t.device):
+                raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+            return True
+        return t.is_cuda and is_available(t.device)
+
+
+def _torch_selective_logprob(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 ``log_softmax(logits / T)`` gathered at ``ids`` (materialises an fp32 copy: the oracle)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
 
 
 def surrogate_loss(

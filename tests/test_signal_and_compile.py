@@ -96,3 +96,32 @@ def test_torch_compile_common_path_has_no_graph_break():
     (gc,) = torch.autograd.grad(loss_c, logp)
     (ge,) = torch.autograd.grad(loss_e, logp)
     torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_and_hidden_entry_points_match_logprob_path(backend):
+    """forward_logits / forward_hidden (kernels under TRITON_INTERPRET on CPU) equal forward on log-probs."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 5, 8, 33
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = (0.3 * torch.randn(V, H, generator=g)).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    adv = torch.randn(B, generator=g)
+    logp_ref = torch.log_softmax((hidden @ weight.T).float() / 0.7, -1).gather(-1, ids[..., None]).squeeze(-1)
+    old = logp_ref.detach() + 0.1 * torch.randn(B, T, generator=g)
+    loss_fn = GroupSurrogateLoss("uniform", backend=backend)
+    ref = GroupSurrogateLoss("uniform", backend="torch")(logp_ref, old, adv, mask, group_size=2, completion_ids=ids)
+    g_ref = torch.autograd.grad(ref.loss, (hidden, weight))
+    out_h = loss_fn.forward_hidden(hidden, weight, ids, old, adv, mask, group_size=2, temperature=0.7, chunk_tokens=7)
+    torch.testing.assert_close(out_h.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(out_h.loss, (hidden, weight)), g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    out_l = loss_fn.forward_logits(logits.clone() if backend == "torch" else logits, ids, old, adv, mask, group_size=2,
+                                   temperature=0.7)
+    torch.testing.assert_close(out_l.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out_l.signal.kappa, ref.signal.kappa)
+    with pytest.raises(ValueError, match="backend"):
+        GroupSurrogateLoss("uniform", backend="cuda")
