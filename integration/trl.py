@@ -216,7 +216,17 @@ class GRPOFixConfig(GRPOConfig):
                     "(uniform, dapo, bnpo, dr_grpo); switching it off for loss_type=%r", self.loss_type
                 )
                 self.prefix_consistent = False
-        validate_deepspeed_config(_load_ds_config(self.deepspeed), self.optimizer)
+        ds_cfg = _load_ds_config(self.deepspeed)
+        validate_deepspeed_config(ds_cfg, self.optimizer)
+        if ds_cfg and self.optimizer == "clip_aware_adamw" and self.clip_aware_backtrack:
+            stage = int((ds_cfg.get("zero_optimization") or {}).get("stage", 0) or 0)
+            if stage > 0:
+                raise ValueError(
+                    f"clip_aware_backtrack=True is not supported under DeepSpeed ZeRO stage {stage}: the optimizer "
+                    "steps fp32 partitions that reach the model only after step(), so the re-measured ratios "
+                    "would not see a pulled-back step. Set clip_aware_backtrack=False (gate + controller) or "
+                    "use ZeRO stage 0 in fp32"
+                )
         super().__post_init__()
         ga, spg, mu = self.gradient_accumulation_steps, self.steps_per_generation, self.num_iterations
         if (spg * mu) % ga != 0:

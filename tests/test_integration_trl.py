@@ -380,6 +380,12 @@ def test_deepspeed_offload_without_flag_refused(tmp_path):
         make_args(tmp_path, deepspeed=cfg)
 
 
+def test_backtrack_under_zero_refused(tmp_path):
+    with pytest.raises(ValueError, match="clip_aware_backtrack=False"):
+        make_args(tmp_path, clip_aware_backtrack=True, deepspeed=DS_BASE)
+    make_args(tmp_path, clip_aware_backtrack=True, deepspeed=dict(DS_BASE, zero_optimization={"stage": 0}))
+
+
 def test_wrong_optimizer_detected(tmp_path, tok):
     """If something replaced ClipAwareAdamW (here: a user optimizer), the trainer says so."""
     model = build_model(tok, seed=0)
@@ -428,3 +434,57 @@ def test_trl_deepspeed_two_ranks(stage, tmp_path):
     assert [o["alpha"] for o in reports[0]["observed"]] == [o["alpha"] for o in reports[1]["observed"]]
     # the window covers both ranks' tokens (all-reduced signal)
     assert reports[0]["observed"][0]["num_tokens"] == 2 * 4 * 8
+
+
+# ------------------------------------------------------------------------------------------------
+# runnable examples
+# ------------------------------------------------------------------------------------------------
+EXAMPLES = os.path.join(REPO, "integration", "examples")
+
+
+def _run_example(args, timeout=240, torchrun=0):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["MASTER_PORT"] = str(_free_port())
+    pre = [sys.executable]
+    if torchrun:
+        pre += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", env["MASTER_PORT"]]
+    proc = subprocess.run(pre + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def test_example_trl_uniform_runs():
+    out = _run_example([os.path.join(EXAMPLES, "trl_uniform.py"), "--max-steps", "2"])
+    assert "optimizer: ClipAwareAdamW" in out
+    assert out.count("\nstep ") + out.startswith("step ") == 2
+
+
+def _stage_kappas(out):
+    res = {}
+    for line in out.splitlines():
+        if line.startswith("OK stage"):
+            stage = int(line.split()[2].rstrip(":"))
+            res[stage] = json.loads(line.split("kappas ")[1].split(" alpha")[0])
+    return res
+
+
+def test_example_deepspeed_loop_zero_0_to_3():
+    pytest.importorskip("deepspeed")
+    out = _run_example([os.path.join(EXAMPLES, "deepspeed_loop.py"), "--stage", "0", "1", "2", "3", "--quiet"])
+    kappas = _stage_kappas(out)
+    assert sorted(kappas) == [0, 1, 2, 3]
+    assert min(kappas[0]) < 1.0  # inner steps clip: the signal is non-trivial
+    for stage in (1, 2, 3):  # ZeRO partitions nothing the optimizer's decisions depend on
+        assert kappas[stage] == pytest.approx(kappas[0], abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_example_deepspeed_loop_two_ranks():
+    pytest.importorskip("deepspeed")
+    out = _run_example([os.path.join(EXAMPLES, "deepspeed_loop.py"), "--stage", "0", "3", "--quiet"], torchrun=2)
+    kappas = _stage_kappas(out)
+    assert sorted(kappas) == [0, 3]
+    assert min(kappas[0]) < 1.0
+    assert kappas[3] == pytest.approx(kappas[0], abs=1e-6)

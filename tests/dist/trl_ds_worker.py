@@ -137,6 +137,9 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(reports, f)
+    # tear gloo down before interpreter exit ("terminate called without an active exception" otherwise)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
