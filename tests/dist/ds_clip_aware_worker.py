@@ -55,7 +55,7 @@ def local_signal(rank: int, step: int):
     if rank == 0:
         active, total, over = 1.0 + step, 10.0, (9.0 if step % 2 == 1 else 0.0)
     else:
-        active, total, over = 9.0, 10.0 - 0.5 * step, 0.0
+        active, total, over = 9.0 - step, 10.0 + step, 0.0
     return TrustRegionSignal(t(active), t(total), t(100), t(100), t(total - active), t(over), t(0.1 * rank),
                              rollout_start=(step == 3))
 
@@ -205,10 +205,14 @@ def main():
     for spec in configs:
         try:
             records.append(run_config(spec, rank, world))
-        except Exception as e:  # report, keep going with the other configs
+        except BaseException:
+            # exit at once: the other ranks would hang in a collective; torchrun then stops them
             import traceback
 
-            records.append({"config": spec, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()})
+            traceback.print_exc()
+            sys.stderr.write(f"rank {rank}: config {spec} failed\n")
+            sys.stderr.flush()
+            os._exit(1)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(records, f, indent=1)
