@@ -6,10 +6,13 @@
   window, token ratios, prefix-consistent clipping), which removes the prefix bias of Prop. 1.
 - :func:`group_advantages`, :func:`prefix_consistent_advantages`: rollout-time advantages.
 - :class:`TrustRegionSignal`: what the loss measured about clipping, for the optimizer.
+- :class:`ClipAwareAdamW`: a drop-in AdamW that keeps multi-step updates inside the clipping
+  trust region (gate, trust-region controller, backtrack), against Prop. 3's momentum overshoot.
 - :func:`adam_eps_report`: whether Adam's eps is negligible (the condition of Prop. 2).
 """
 
 from .advantages import group_advantages
+from .clip_aware_adamw import ClipAwareAdamW
 from .config import PRESETS, SurrogateConfig, resolve_config
 from .diagnostics import AdamEpsReport, adam_eps_report
 from .prefix import PrefixClasses, prefix_classes, prefix_consistent_advantages
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "AdamEpsReport",
+    "ClipAwareAdamW",
     "GroupSurrogateLoss",
     "PrefixClasses",
     "SurrogateConfig",
