@@ -86,6 +86,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--rollouts", type=int, default=25)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="overshoot", help="basename of the result files")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     rows = run(args.mus, args.optimizers, list(range(args.seeds)), args.rollouts, args.lr,
@@ -120,7 +121,7 @@ def main(argv=None) -> list[dict]:
         ax3.set(xlabel="rollout", ylabel=f"mean reward (mu = {focus})")
         ax1.legend(fontsize=7)
 
-    write_results(args.out, "overshoot", title="Momentum overshoot past the clip region (paper Prop. 3)", table=table,
+    write_results(args.out, args.name, title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}", table=table,
                   payload={"args": vars(args), "rows": rows}, plot=plot)
     print(table)
     return rows
