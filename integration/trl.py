@@ -276,9 +276,15 @@ class GRPOFixTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        a = kwargs.get("args")
-        if a is not None and not isinstance(a, GRPOFixConfig):
-            raise TypeError("GRPOFixTrainer needs args=GRPOFixConfig(...) (a trl.GRPOConfig subclass)")
+        a = args[2] if len(args) > 2 else kwargs.get("args")
+        if a is None and len(args) <= 2:
+            model = args[0] if args else kwargs.get("model")
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            kwargs["args"] = GRPOFixConfig(output_dir=f"{(name or 'model').split('/')[-1]}-GRPOFix")
+        elif not isinstance(a, GRPOFixConfig):
+            raise TypeError(
+                f"GRPOFixTrainer needs args=GRPOFixConfig(...) (a trl.GRPOConfig subclass), got {type(a).__name__}"
+            )
         super().__init__(*args, **kwargs)
         self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args))
         self._gf_window_signal: TrustRegionSignal | None = None

@@ -25,7 +25,7 @@ pytest.importorskip("trl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import trl  # noqa: E402
-from tiny_trl import build_dataset, build_model, build_tokenizer, reward_len, save_tiny  # noqa: E402
+from tiny_trl import build_dataset, build_model, build_tokenizer, fixed_generation, reward_len, save_tiny  # noqa: E402
 
 from grpo_fix import GroupSurrogateLoss  # noqa: E402
 from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTrainer  # noqa: E402
@@ -132,6 +132,20 @@ def test_trains_three_steps(variant, tmp_path, tok, tiny_path):
         assert max(h["grpo_fix/overshoot_fraction"] for h in logs) <= opt.tau  # ... into the trust region
 
 
+def test_evaluate(tmp_path, tok):
+    trainer = make_trainer(tmp_path, tok, eval_strategy="no", per_device_eval_batch_size=4)
+    trainer.eval_dataset = build_dataset(n_repeat=1)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    assert "eval_clip_ratio/region_mean" in metrics
+
+
+def test_plain_grpo_config_refused(tmp_path, tok):
+    with pytest.raises(TypeError, match="GRPOFixConfig"):
+        GRPOFixTrainer(model=build_model(tok), reward_funcs=reward_len, args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+                       train_dataset=build_dataset(), processing_class=tok)
+
+
 def test_plain_adamw_option(tmp_path, tok):
     trainer = make_trainer(tmp_path, tok, optimizer="adamw", max_steps=1)
     trainer.train()
@@ -143,47 +157,6 @@ def test_plain_adamw_option(tmp_path, tok):
 # ------------------------------------------------------------------------------------------------
 # a fixed, deterministic generation batch (generation and reward monkeypatched away)
 # ------------------------------------------------------------------------------------------------
-def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, beta=False):
-    """Prompt/completion ids with shared prefixes inside groups, ragged lengths, group-centred
-    advantages, and old/ref log-probs perturbed from the seed-0 model so ratios clip."""
-    g = torch.Generator().manual_seed(seed)
-    V = len(tok)
-    prompt_ids = torch.randint(5, V, (n_rows, prompt_len), generator=g)
-    prompt_mask = torch.ones(n_rows, prompt_len, dtype=torch.long)
-    prompt_mask[::3, 0] = 0  # some left padding
-    prompt_ids[prompt_mask == 0] = tok.pad_token_id
-    completion_ids = torch.randint(5, V, (n_rows, comp_len), generator=g)
-    for s in range(0, n_rows, group):  # whole group shares 2 tokens, pairs share a 3rd and 4th
-        completion_ids[s:s + group, :2] = completion_ids[s, :2]
-        completion_ids[s + 1, :4] = completion_ids[s, :4]
-    lengths = torch.randint(2, comp_len + 1, (n_rows,), generator=g)
-    completion_mask = (torch.arange(comp_len)[None, :] < lengths[:, None]).long()
-    completion_ids[completion_mask == 0] = tok.pad_token_id
-    rewards = torch.randn(n_rows, generator=g)
-    grouped = rewards.view(-1, group)
-    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
-
-    model = build_model(tok, seed=0)
-    with torch.no_grad():
-        ids = torch.cat([prompt_ids, completion_ids], 1)
-        am = torch.cat([prompt_mask, completion_mask], 1)
-        logits = model(input_ids=ids, attention_mask=am).logits[:, prompt_len - 1:-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
-    old = logp + 0.3 * torch.randn(logp.shape, generator=g)
-    out = dict(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        advantages=advantages,
-        num_items_in_batch=completion_mask.sum(),
-        old_per_token_logps=old,
-    )
-    if beta:
-        out["ref_per_token_logps"] = logp + 0.2 * torch.randn(logp.shape, generator=g)
-    return out
-
-
 @pytest.fixture
 def patch_generation(monkeypatch):
     """Make TRL's generation + scoring return a fixed batch (our override still post-processes it)."""
@@ -434,6 +407,24 @@ def test_trl_deepspeed_two_ranks(stage, tmp_path):
     assert [o["alpha"] for o in reports[0]["observed"]] == [o["alpha"] for o in reports[1]["observed"]]
     # the window covers both ranks' tokens (all-reduced signal)
     assert reports[0]["observed"][0]["num_tokens"] == 2 * 4 * 8
+
+
+@pytest.mark.distributed
+def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
+    """A group of 8 spread over 2 ranks: gathered prefix-consistent advantages, the global window
+    count and dp_size scaling give exactly the single-process gradient of the corrected loss."""
+    out = tmp_path / "ddp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert r["window_tokens"] == [r["global_tokens"]] * 2
+    assert r["kappa"] < 1.0 and r["grad_scale"] > 1e-3
+    assert abs(r["loss"] - r["ref_loss"]) < 1e-6
+    assert r["max_grad_diff"] < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------

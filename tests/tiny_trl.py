@@ -105,3 +105,46 @@ def reward_len(completions, **kwargs):
 def reward_char(completions, **kwargs):
     """Share of the letter 'o' in the completion (a second, learnable reward)."""
     return [c.count("o") / max(len(c), 1) for c in completions]
+
+
+def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, beta=False):
+    """Prompt/completion ids with shared prefixes inside groups, ragged lengths, group-centred
+    advantages, and old/ref log-probs perturbed from the seed-0 model so ratios clip."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    V = len(tok)
+    prompt_ids = torch.randint(5, V, (n_rows, prompt_len), generator=g)
+    prompt_mask = torch.ones(n_rows, prompt_len, dtype=torch.long)
+    prompt_mask[::3, 0] = 0  # some left padding
+    prompt_ids[prompt_mask == 0] = tok.pad_token_id
+    completion_ids = torch.randint(5, V, (n_rows, comp_len), generator=g)
+    for s in range(0, n_rows, group):  # whole group shares 2 tokens, pairs share a 3rd and 4th
+        completion_ids[s:s + group, :2] = completion_ids[s, :2]
+        completion_ids[s + 1, :4] = completion_ids[s, :4]
+    lengths = torch.randint(2, comp_len + 1, (n_rows,), generator=g)
+    completion_mask = (torch.arange(comp_len)[None, :] < lengths[:, None]).long()
+    completion_ids[completion_mask == 0] = tok.pad_token_id
+    rewards = torch.randn(n_rows, generator=g)
+    grouped = rewards.view(-1, group)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
+
+    model = build_model(tok, seed=0)
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        am = torch.cat([prompt_mask, completion_mask], 1)
+        logits = model(input_ids=ids, attention_mask=am).logits[:, prompt_len - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    out = dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=advantages,
+        num_items_in_batch=completion_mask.sum(),
+        old_per_token_logps=old,
+    )
+    if beta:
+        out["ref_per_token_logps"] = logp + 0.2 * torch.randn(logp.shape, generator=g)
+    return out
