@@ -8,6 +8,10 @@ Runs on CPU (gloo) or GPU (NCCL), ZeRO stage 0-3 chosen on the command line::
     torchrun --nproc_per_node 2 integration/examples/deepspeed_loop.py --stage 2
     deepspeed --num_gpus 2 integration/examples/deepspeed_loop.py --stage 3
 
+On CPU (gloo) a rank occasionally aborts at interpreter exit, after the results are printed
+("terminate called without an active exception": a DeepSpeed/gloo thread still joinable at
+shutdown); the training itself is unaffected.
+
 The policy is a tiny random Qwen2 (built in code, no download) and the "rollouts" are synthetic:
 random completions with group-centred advantages.  What matters is the wiring every real loop
 needs:
