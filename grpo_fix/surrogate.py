@@ -114,28 +114,10 @@ class GroupSurrogateLoss(nn.Module):
         mask: torch.Tensor,
         *,
         group_size: int | None,
-        completion_ids: torch.Tensor | None = None,
-        ref_logp: torch.Tensor | None = None,
-        num_window_tokens: torch.Tensor | int | float | None = None,
-        num_window_seqs: torch.Tensor | int | float | None = None,
-        num_micro_batches: int = 1,
-        dp_size: int = 1,
+        **kwargs,
     ) -> SurrogateOutput:
-        return surrogate_loss(
-            self.config,
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            group_size=group_size,
-            completion_ids=completion_ids,
-            ref_logp=ref_logp,
-            num_window_tokens=num_window_tokens,
-            num_window_seqs=num_window_seqs,
-            num_micro_batches=num_micro_batches,
-            dp_size=dp_size,
-        )
-
+        """Eq. 1 on log-probs; keyword arguments as :func:`surrogate_loss` (see the class docstring)."""
+        return surrogate_loss(self.config, logp, old_logp, advantages, mask, group_size=group_size, **kwargs)
 
     def forward_logits(self, logits: torch.Tensor, completion_ids: torch.Tensor, old_logp, advantages, mask, *,
                        group_size: int | None, temperature: float = 1.0, **window) -> SurrogateOutput:
