@@ -11,8 +11,12 @@
 What changes against ``trl.GRPOTrainer`` (everything else, generation, rewards, logging,
 checkpointing, vLLM-free DeepSpeed/DDP, is TRL's own code):
 
-- **Loss** (``_compute_loss``): TRL's fused log-prob path (``_get_per_token_logps_and_entropies``,
-  never materialising the logits) followed by :class:`grpo_fix.GroupSurrogateLoss`.
+- **Loss** (``_compute_loss``): on CPU (``loss_kernel="torch"``) TRL's fused log-prob path
+  (``_get_per_token_logps_and_entropies``, never materialising the logits) followed by
+  :class:`grpo_fix.GroupSurrogateLoss`; on CUDA (``loss_kernel="auto"``/``"linear"``) grpo_fix's
+  logits-free Triton loss (:func:`grpo_fix.kernels.linear_surrogate_loss`: hidden states +
+  ``lm_head.weight`` in, loss out, three GEMMs) run *inside* the model's forward, so DDP and
+  ZeRO-3 hooks fire and ``lm_head`` is gathered under ZeRO-3 (no ``entropy`` metric on that path).
   ``loss_type="uniform"`` is the corrected loss; TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``
   and ``cispo`` map to the presets of the same name with TRL's hyper-parameters (epsilon,
   epsilon_high, delta, beta, use_bias_correction_kl, importance_sampling_level), so with
@@ -92,6 +96,7 @@ LOSS_TYPES: dict[str, str] = {
     "cispo": "cispo",
 }
 OPTIMIZERS = ("clip_aware_adamw", "adamw")
+LOSS_KERNELS = ("auto", "linear", "torch")
 
 #: Key of the per-micro-batch tensor ``(num_iterations,)`` float64 holding, for each replay of the
 #: buffered micro-batch, the global valid-token count of the optimizer window it belongs to.
@@ -162,6 +167,8 @@ class GRPOFixConfig(GRPOConfig):
         optimizer: ``"clip_aware_adamw"`` (default) or ``"adamw"`` (TRL's ``args.optim``).
         clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_backtrack: the
             :class:`grpo_fix.clip_aware_adamw.ClipAwareAdamW` mechanisms.
+        loss_kernel: ``"auto"`` (default: grpo_fix's logits-free Triton loss when the model is on
+            CUDA, else TRL's fused log-probs + the torch loss), ``"linear"`` or ``"torch"``.
     """
 
     loss_type: str = field(
@@ -179,6 +186,11 @@ class GRPOFixConfig(GRPOConfig):
     clip_aware_backtrack: bool = field(
         default=False, metadata={"help": "Backtrack steps past the trust region (one extra no-grad forward)."}
     )
+    loss_kernel: str = field(
+        default="auto",
+        metadata={"help": f"One of {LOSS_KERNELS}: 'linear' = grpo_fix's logits-free Triton loss (hidden + lm_head "
+                  "in, loss out), 'torch' = TRL's fused log-probs + the torch loss, 'auto' = linear on CUDA."},
+    )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -188,6 +200,8 @@ class GRPOFixConfig(GRPOConfig):
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise ValueError(f"unknown loss_kernel {self.loss_kernel!r}; choose one of {LOSS_KERNELS}")
         if self.loss_type == "uniform" and self.importance_sampling_level != "token":
             raise ValueError(
                 f"loss_type='uniform' needs token-level importance ratios, got importance_sampling_level="
@@ -287,6 +301,9 @@ class GRPOFixTrainer(GRPOTrainer):
             )
         super().__init__(*args, **kwargs)
         self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args))
+        self._gf_linear = self._use_linear_kernel()
+        if self._gf_linear:
+            _install_linear_loss_forward(self.model)
         self._gf_window_signal: TrustRegionSignal | None = None
         self._gf_window_wagg: torch.Tensor | None = None
         self._gf_whole_groups = False
@@ -446,6 +463,53 @@ class GRPOFixTrainer(GRPOTrainer):
             b[WINDOW_TOKENS_KEY] = window_tokens[window_of_step[i::spg]].clone()
 
     # -- loss ------------------------------------------------------------------------------------
+    def _use_linear_kernel(self) -> bool:
+        """Whether ``_compute_loss`` runs grpo_fix's logits-free Triton loss inside the model's forward."""
+        choice = self.args.loss_kernel
+        if choice == "torch":
+            return False
+        text_config = self.model.config.get_text_config()
+        unsupported = [
+            name for name, bad in (
+                ("final_logit_softcapping", getattr(text_config, "final_logit_softcapping", None) is not None),
+                ("logit_scale", any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in
+                                    ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))),
+                ("MoE aux loss", self.aux_loss_enabled),
+                ("multimodal model", text_config is not self.model.config),
+                ("no output embeddings", self.model.get_output_embeddings() is None),
+            ) if bad
+        ]
+        if choice == "auto":
+            on_cuda = next(self.model.parameters()).is_cuda or (torch.cuda.is_available() and not self.args.use_cpu)
+            if not on_cuda or unsupported:
+                return False
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return False
+            return True
+        if unsupported:
+            raise ValueError(f"loss_kernel='linear' does not support: {', '.join(unsupported)}; use loss_kernel='torch'")
+        return True
+
+    def _linear_kernel_loss(self, model, input_ids, attention_mask, completion_ids, old, advantages, mask,
+                            loss_kwargs):
+        """Forward through the (wrapped) model so DDP / ZeRO-3 hooks fire; the patched forward runs
+        the backbone and grpo_fix's logits-free loss and returns the scalar loss."""
+        spec = dict(
+            cfg=self.surrogate.config,
+            logits_to_keep=completion_ids.size(1),
+            completion_ids=completion_ids,
+            old_logp=old,
+            advantages=advantages,
+            mask=mask,
+            temperature=self.temperature,
+            loss_kwargs=loss_kwargs,
+        )
+        with self.accelerator.autocast():
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fix_linear=spec)
+        return loss, spec["output"]
+
     def _window_position(self) -> tuple[int, int, bool]:
         """(index of this micro-step in its window, window size, first window of the generation batch)."""
         ga = self.args.gradient_accumulation_steps
@@ -481,7 +545,11 @@ class GRPOFixTrainer(GRPOTrainer):
                 image_position_ids=inputs.get("image_position_ids"),
             )
 
-        per_token_logps, entropies, aux_loss = logps_and_entropies(True)
+        linear = self._gf_linear and "pixel_values" not in inputs
+        if linear:
+            per_token_logps, entropies, aux_loss = None, None, None
+        else:
+            per_token_logps, entropies, aux_loss = logps_and_entropies(True)
         P = self.accelerator.num_processes
 
         if mode == "train":
@@ -506,8 +574,13 @@ class GRPOFixTrainer(GRPOTrainer):
             dp_size=P,
         )
         old = inputs.get("old_per_token_logps")
-        out = self.surrogate(per_token_logps, old, inputs["advantages"], mask, **loss_kwargs)
-        loss = out.loss
+        if linear:
+            kernel_kwargs = {k: v for k, v in loss_kwargs.items() if k != "completion_ids"}
+            loss, out = self._linear_kernel_loss(model, input_ids, attention_mask, completion_ids, old,
+                                                 inputs["advantages"], mask, kernel_kwargs)
+        else:
+            out = self.surrogate(per_token_logps, old, inputs["advantages"], mask, **loss_kwargs)
+            loss = out.loss
         if self.aux_loss_enabled and aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / (num_micro if mode == "train" else 1.0)
 
@@ -564,7 +637,8 @@ class GRPOFixTrainer(GRPOTrainer):
         metrics["clip_ratio/low_mean"].append(totals[1] / denom)
         metrics["clip_ratio/high_mean"].append(totals[2] / denom)
         metrics["clip_ratio/region_mean"].append(totals[3] / denom)
-        metrics["entropy"].append(totals[4] / denom)
+        if entropies is not None:
+            metrics["entropy"].append(totals[4] / denom)
         if self.beta != 0.0:
             metrics["kl"].append(totals[5] / denom)
         if self.aux_loss_enabled and aux_loss is not None:
@@ -583,6 +657,53 @@ class GRPOFixTrainer(GRPOTrainer):
             return sig.all_reduce()
 
         return remeasure
+
+
+def _install_linear_loss_forward(model) -> None:
+    """Wrap ``model.forward`` (already TRL's fused-LM-head forward) so that
+    ``model(input_ids, attention_mask, grpo_fix_linear=spec)`` runs the backbone and
+    :func:`grpo_fix.kernels.linear_surrogate_loss` on the completion positions' hidden states and
+    ``lm_head.weight`` (gathered under ZeRO-3), never materialising the logits, and returns the
+    loss; ``spec["output"]`` receives the full :class:`grpo_fix.SurrogateOutput`.  Any other call
+    goes to the previous forward unchanged (generation, TRL's log-probs)."""
+    import types
+
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    if getattr(model, "_grpo_fix_linear_forward", False):
+        return
+    previous = model.forward
+
+    def forward(self, *args, grpo_fix_linear=None, **kwargs):
+        if grpo_fix_linear is None:
+            return previous(*args, **kwargs)
+        from grpo_fix.kernels import linear_surrogate_loss
+
+        spec = grpo_fix_linear
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        T = spec["logits_to_keep"]
+        hidden = hidden[:, -T - 1:-1]  # position t predicts completion token t
+        lm_head = self.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        with maybe_gather_lm_head_ctx(weight, bias):
+            out = linear_surrogate_loss(
+                spec["cfg"],
+                hidden.to(weight.dtype),
+                weight,
+                spec["completion_ids"],
+                spec["old_logp"],
+                spec["advantages"],
+                spec["mask"],
+                bias=bias,
+                temperature=spec["temperature"],
+                **spec["loss_kwargs"],
+            )
+        spec["output"] = out
+        return out.loss
+
+    model.forward = types.MethodType(forward, model)
+    model._grpo_fix_linear_forward = True
 
 
 class _ClipAwareStatsCallback(TrainerCallback):

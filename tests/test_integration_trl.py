@@ -309,6 +309,51 @@ def test_parity_with_trl_compute_loss(loss_type, extra, tmp_path, tok, tiny_path
 
 
 # ------------------------------------------------------------------------------------------------
+# logits-free Triton loss inside the model's forward (CUDA default; CPU under TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type,extra", [("uniform", {}), ("dapo", dict(beta=0.04)), ("grpo", {})])
+def test_linear_kernel_matches_torch_path(loss_type, extra, tmp_path, tok, tiny_path, patch_generation):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    beta = extra.get("beta", 0.0) > 0
+    batch = fixed_generation(tok, n_rows=8, seed=4, beta=beta)
+    patch_generation(batch)
+    res = {}
+    for kernel in ("torch", "linear"):
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / kernel, tok, model=tiny_path if beta else None, loss_type=loss_type,
+                               loss_kernel=kernel, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                               **extra)
+        assert trainer._gf_linear == (kernel == "linear")
+        res[kernel] = run_window(trainer, 2)
+        res[kernel + "_metrics"] = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    (l_t, g_t), (l_l, g_l) = res["torch"], res["linear"]
+    assert abs(l_t - l_l) < 1e-5
+    for n in g_t:
+        torch.testing.assert_close(g_l[n], g_t[n], rtol=1e-4, atol=1e-6, msg=n)
+    for key in ("grpo_fix/kappa", "grpo_fix/clip_fraction", "clip_ratio/region_mean"):
+        assert res["linear_metrics"][key] == pytest.approx(res["torch_metrics"][key], abs=1e-6), key
+    assert res["linear_metrics"]["grpo_fix/kappa"] < 1.0
+
+
+def test_linear_kernel_trains(tmp_path, tok):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    trainer = make_trainer(tmp_path, tok, loss_kernel="linear", num_iterations=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    assert min(h["grpo_fix/kappa"] for h in logs) < 1.0
+
+
+def test_auto_kernel_is_torch_on_cpu(tmp_path, tok):
+    trainer = make_trainer(tmp_path, tok)
+    assert trainer.args.loss_kernel == "auto" and trainer._gf_linear is False
+
+
+# ------------------------------------------------------------------------------------------------
 # bad configurations
 # ------------------------------------------------------------------------------------------------
 def test_unknown_loss_type(tmp_path):
@@ -378,19 +423,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ds_worker(tmp_path, stage, kernel="torch"):
+    out = tmp_path / f"report_{stage}_{kernel}.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out), kernel]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+_DS_KAPPAS = {}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trl_deepspeed_two_ranks(stage, tmp_path):
     pytest.importorskip("deepspeed")
-    out = tmp_path / "report.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    reports = json.loads(out.read_text())
+    reports = _run_ds_worker(tmp_path, stage)
     assert len(reports) == 2
+    _DS_KAPPAS[stage] = [o["kappa"] for o in reports[0]["observed"]]
     for r in reports:
         assert r["deepspeed"] and r["num_processes"] == 2
         assert r["basic_optimizer"] == "ClipAwareAdamW"
@@ -407,6 +460,23 @@ def test_trl_deepspeed_two_ranks(stage, tmp_path):
     assert [o["alpha"] for o in reports[0]["observed"]] == [o["alpha"] for o in reports[1]["observed"]]
     # the window covers both ranks' tokens (all-reduced signal)
     assert reports[0]["observed"][0]["num_tokens"] == 2 * 4 * 8
+
+
+@pytest.mark.distributed
+def test_trl_deepspeed_zero3_linear_kernel(tmp_path):
+    """The logits-free Triton loss inside the forward under ZeRO-3 (lm_head gathered), CPU interpreter."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    reports = _run_ds_worker(tmp_path, 3, "linear")
+    for r in reports:
+        assert r["linear_kernel"] and r["real_is_clip_aware"] and r["params_changed"]
+    k0 = [o["kappa"] for o in reports[0]["observed"]]
+    assert k0 == [o["kappa"] for o in reports[1]["observed"]]
+    assert min(k0) < 1.0
+    if 3 in _DS_KAPPAS:  # same run with the torch path
+        assert k0 == pytest.approx(_DS_KAPPAS[3], abs=1e-4)
 
 
 @pytest.mark.distributed

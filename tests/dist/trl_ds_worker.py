@@ -1,4 +1,4 @@
-"""Worker for the TRL + DeepSpeed test: ``torchrun --nproc_per_node 2 trl_ds_worker.py STAGE OUT_JSON``.
+"""Worker for the TRL + DeepSpeed test: ``torchrun --nproc_per_node 2 trl_ds_worker.py STAGE OUT_JSON [KERNEL]``.
 
 Trains GRPOFixTrainer 3 optimizer steps (num_iterations=2, so later windows clip) under DeepSpeed
 ZeRO-STAGE on 2 gloo ranks and writes, from rank 0, a JSON report: the optimizer class that
@@ -43,6 +43,7 @@ def _patch_accelerate_for_cpu_multiprocess() -> None:
 def main() -> None:
     stage = int(sys.argv[1])
     out_path = sys.argv[2]
+    loss_kernel = sys.argv[3] if len(sys.argv) > 3 else "torch"
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -99,6 +100,7 @@ def main() -> None:
         seed=0,
         gradient_checkpointing=False,
         deepspeed=ds_config,
+        loss_kernel=loss_kernel,
     )
     trainer = GRPOFixTrainer(
         model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
@@ -120,6 +122,7 @@ def main() -> None:
     changed = any(not torch.equal(a, b) for a, b in zip(after, before))
     report = {
         "rank": rank,
+        "linear_kernel": trainer._gf_linear,
         "world": world,
         "num_processes": trainer.accelerator.num_processes,
         "deepspeed": bool(trainer.is_deepspeed_enabled),
