@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,7 +223,8 @@ class GRPOFixConfig(GRPOConfig):
         if self.prefix_consistent:
             weighting = PRESETS[LOSS_TYPES[self.loss_type]].weighting
             ratio = PRESETS[LOSS_TYPES[self.loss_type]].ratio
-            if weighting not in GROUP_CONSTANT_WEIGHTINGS or ratio != "token" or self.importance_sampling_level != "token":
+            token_ratios = ratio == "token" and self.importance_sampling_level == "token"
+            if weighting not in GROUP_CONSTANT_WEIGHTINGS or not token_ratios:
                 logger.warning(
                     "prefix_consistent=True is only defined for token ratios with a group-constant weighting "
                     "(uniform, dapo, bnpo, dr_grpo); switching it off for loss_type=%r", self.loss_type
@@ -285,8 +285,9 @@ def surrogate_config_from_args(args: GRPOConfig) -> SurrogateConfig:
 class GRPOFixTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the grpo-fix loss, exact window normaliser and ClipAwareAdamW.
 
-    Takes the same arguments as ``GRPOTrainer``; ``args`` should be a :class:`GRPOFixConfig` (a
-    plain ``GRPOConfig`` is converted, keeping its ``loss_type``).  See the module docstring.
+    Takes the same arguments as ``GRPOTrainer``; ``args`` must be a :class:`GRPOFixConfig` (a plain
+    ``GRPOConfig`` raises ``TypeError``; ``None`` builds a default ``GRPOFixConfig`` as TRL does).
+    See the module docstring.
     """
 
     def __init__(self, *args, **kwargs):
@@ -398,9 +399,8 @@ class GRPOFixTrainer(GRPOTrainer):
         B, T = ids.shape
         acc = self.accelerator
         if acc.num_processes > 1:
-            pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
-            pad_id = 0 if pad_id is None else pad_id
-            ids_all = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))
+            # the padding value is irrelevant: padded positions are masked and only follow other ones
+            ids_all = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=0))
             mask_all = acc.gather(acc.pad_across_processes(mask, dim=1, pad_index=0))
             adv_all = acc.gather(adv if adv.dim() == 1 else acc.pad_across_processes(adv, dim=1, pad_index=0))
             start = acc.process_index * B
@@ -453,7 +453,9 @@ class GRPOFixTrainer(GRPOTrainer):
         spg, mu, ga = self.args.steps_per_generation, self.num_iterations, self.args.gradient_accumulation_steps
         device = buffered[0]["completion_mask"].device
         local = torch.stack([self._loss_mask(b).sum().to(torch.float64) for b in buffered]).to(device)
-        counts = self.accelerator.gather(local[None, :]).reshape(-1, spg).sum(0) if self.accelerator.num_processes > 1 else local
+        counts = local
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(local[None, :]).reshape(-1, spg).sum(0)
         steps = torch.arange(spg * mu, device=device)
         window_of_step = steps // ga
         per_step = counts[steps % spg]
@@ -489,7 +491,9 @@ class GRPOFixTrainer(GRPOTrainer):
                 return False
             return True
         if unsupported:
-            raise ValueError(f"loss_kernel='linear' does not support: {', '.join(unsupported)}; use loss_kernel='torch'")
+            raise ValueError(
+                f"loss_kernel='linear' does not support: {', '.join(unsupported)}; use loss_kernel='torch'"
+            )
         return True
 
     def _linear_kernel_loss(self, model, input_ids, attention_mask, completion_ids, old, advantages, mask,
@@ -554,9 +558,10 @@ class GRPOFixTrainer(GRPOTrainer):
 
         if mode == "train":
             pos, ga, first_window = self._window_position()
-            num_micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            num_micro = getattr(self, "current_gradient_accumulation_steps", None) or ga
             if WINDOW_TOKENS_KEY in inputs:
-                replay = (self._step % (self.args.steps_per_generation * self.num_iterations)) // self.args.steps_per_generation
+                spg = self.args.steps_per_generation
+                replay = (self._step % (spg * self.num_iterations)) // spg
                 n_window = inputs[WINDOW_TOKENS_KEY][replay]
             else:  # inputs not buffered by our _prepare_inputs: TRL's mean-window approximation
                 n_window = inputs["num_items_in_batch"].double() / P * num_micro / self.args.steps_per_generation
@@ -601,7 +606,9 @@ class GRPOFixTrainer(GRPOTrainer):
                 if opt is not None:
                     opt.observe(window)
                     if opt.backtrack:
-                        opt.set_backtrack_fn(self._make_backtrack_fn(logps_and_entropies, old, inputs, mask, loss_kwargs))
+                        opt.set_backtrack_fn(
+                            self._make_backtrack_fn(logps_and_entropies, old, inputs, mask, loss_kwargs)
+                        )
                     stats = opt.last_stats
                     metrics["clip_aware/kappa"].append(float(stats["kappa"]))
                     metrics["clip_aware/alpha"].append(float(stats["alpha"]))
@@ -612,7 +619,9 @@ class GRPOFixTrainer(GRPOTrainer):
                 metrics["grpo_fix/clip_fraction"].append(d["clip_fraction"])
                 metrics["grpo_fix/max_excess"].append(d["max_excess"])
                 if self._gf_window_wagg is not None:
-                    wa = self.accelerator.reduce(self._gf_window_wagg, reduction="sum") if P > 1 else self._gf_window_wagg
+                    wa = self._gf_window_wagg
+                    if P > 1:
+                        wa = self.accelerator.reduce(wa, reduction="sum")
                     metrics["grpo_fix/w_agg"].append(float(wa[0]))
                     metrics["grpo_fix/w_agg_abs"].append(float(wa[1]))
                 self._gf_window_signal, self._gf_window_wagg = None, None

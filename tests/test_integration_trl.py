@@ -141,8 +141,9 @@ def test_evaluate(tmp_path, tok):
 
 
 def test_plain_grpo_config_refused(tmp_path, tok):
+    plain = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     with pytest.raises(TypeError, match="GRPOFixConfig"):
-        GRPOFixTrainer(model=build_model(tok), reward_funcs=reward_len, args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+        GRPOFixTrainer(model=build_model(tok), reward_funcs=reward_len, args=plain,
                        train_dataset=build_dataset(), processing_class=tok)
 
 
