@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GRPOFixConfig",
     "GRPOFixTrainer",
+    "LOSS_KERNELS",
     "LOSS_TYPES",
     "OPTIMIZERS",
     "WINDOW_TOKENS_KEY",
