@@ -57,29 +57,14 @@ def build_tokenizer(vocab_size: int = 300):
 
 
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    """A randomly initialised 2-layer Qwen2ForCausalLM (~30k parameters at hidden 32)."""
+    """A randomly initialised 2-layer Qwen2ForCausalLM (~30k parameters at hidden 32): the toy
+    policy of :func:`grpo_fix.toy.build_model`, over this module's BPE tokenizer."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    from grpo_fix.toy import build_model as toy_model
+
+    torch.manual_seed(seed)  # callers rely on the global RNG being seeded here, as before
+    return toy_model(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
 
 
 def build_dataset(n_repeat: int = 8):
