@@ -26,7 +26,7 @@ from grpo_fix.prefix import prefix_classes
 from grpo_fix.surrogate import SurrogateOutput, surrogate_loss, token_advantages, token_terms, window_alpha
 from grpo_fix.validation import check_shapes
 
-from .logits_loss import PackedLayout, _check_packed_len, resolve_loss_config
+from .logits_loss import PackedLayout, resolve_loss_config
 from .logprob import SUPPORTED_LOGIT_DTYPES, check_device, logprob_backward, logprob_forward
 
 TOKEN_LOCAL_RATIOS = ("token", "sg_logp", "logp")
@@ -252,13 +252,10 @@ def linear_surrogate_loss(
     if cu_seqlens is not None:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed (N, H), got {getattr(hidden, 'shape', None)}")
-        total = hidden.shape[0]
-        if mask is None:
-            mask = torch.ones(total, dtype=torch.bool, device=hidden.device)
-        _check_packed_len(total, completion_ids=completion_ids, mask=mask, old_logp=old_logp, ref_logp=ref_logp)
-        lay = PackedLayout(cu_seqlens.to(hidden.device), total)
-        if advantages.dim() == 1 and advantages.shape[0] == total and total != lay.B:
-            advantages = lay.pad(advantages, "advantages")
+        lay, mask, advantages = PackedLayout.for_inputs(
+            cu_seqlens, hidden.shape[0], hidden.device, mask, advantages,
+            completion_ids=completion_ids, old_logp=old_logp, ref_logp=ref_logp,
+        )
         completion_ids = lay.pad(completion_ids, "completion_ids")
         old_logp, ref_logp = lay.pad(old_logp, "old_logp"), lay.pad(ref_logp, "ref_logp")
         mask = lay.pad(mask.to(torch.bool), "mask", False)

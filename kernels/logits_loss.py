@@ -64,6 +64,19 @@ class PackedLayout:
         return torch.where(self.valid, out, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
+    @classmethod
+    def for_inputs(cls, cu_seqlens: torch.Tensor, total: int, device, mask, advantages, **packed):
+        """Validate packed ``(N,)`` inputs and build the layout; returns ``(layout, mask, advantages)``
+        with a default all-true mask and per-token packed advantages padded to ``(B, T_max)``."""
+        if mask is None:
+            mask = torch.ones(total, dtype=torch.bool, device=device)
+        _check_packed_len(total, mask=mask, **packed)
+        lay = cls(cu_seqlens.to(device), total)
+        if advantages.dim() == 1 and advantages.shape[0] == total and total != lay.B:
+            advantages = lay.pad(advantages, "advantages")
+        return lay, mask, advantages
+
+
 def _check_packed_len(layout_total: int, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != layout_total):
@@ -110,13 +123,10 @@ def logits_surrogate_loss(
     if cu_seqlens is not None:
         if logits.dim() != 2:
             raise ValueError(f"with cu_seqlens, logits must be packed (N, V), got {tuple(logits.shape)}")
-        total = logits.shape[0]
-        if mask is None:
-            mask = torch.ones(total, dtype=torch.bool, device=logits.device)
-        _check_packed_len(total, completion_ids=completion_ids, mask=mask, old_logp=old_logp, ref_logp=ref_logp)
-        lay = PackedLayout(cu_seqlens.to(logits.device), total)
-        if advantages.dim() == 1 and advantages.shape[0] == total and total != lay.B:
-            advantages = lay.pad(advantages, "advantages")
+        lay, mask, advantages = PackedLayout.for_inputs(
+            cu_seqlens, logits.shape[0], logits.device, mask, advantages,
+            completion_ids=completion_ids, old_logp=old_logp, ref_logp=ref_logp,
+        )
         logp_packed = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
         valid = lay.pad(mask.to(torch.bool), "mask", False)
         return surrogate_loss(
