@@ -155,7 +155,7 @@ def test_prop3_partly_clipped_scales_residual_by_kappa(T):
 # --------------------------------------------------------------------------------------------
 def test_controller_alpha_sequence_and_reset():
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = ClipAwareAdamW([p], tau=0.02)
+    opt = ClipAwareAdamW([p], tau=0.02, grow=1.25, reset_on_rollout=True)
     seq = []
     for s in [sig(overshoot=5), sig(overshoot=5), sig(overshoot=1), sig(overshoot=0), sig(overshoot=2),
               sig(overshoot=0), sig(overshoot=0), sig(overshoot=0), sig(overshoot=0), sig(overshoot=0),
@@ -169,6 +169,28 @@ def test_controller_alpha_sequence_and_reset():
     # f == tau exactly is not above tau
     opt.observe(sig(overshoot=2, eligible=100))
     assert opt.alpha == 1.0
+
+
+def test_controller_default_carries_alpha_across_rollouts_and_keeps_momentum():
+    """Defaults (measured in benchmarks/results/overshoot_*): alpha is not reset at a rollout
+    boundary, and shrinking alpha leaves the momentum alone."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ClipAwareAdamW([p], lr=1e-2, gate=False)
+    seq = []
+    for s in [sig(overshoot=5), sig(overshoot=5), sig(rollout_start=True), sig(overshoot=9, rollout_start=True)]:
+        opt.observe(s)
+        seq.append(opt.alpha)
+    g = opt.grow
+    assert seq == pytest.approx([0.5, 0.25, 0.25 * g, 0.125 * g], rel=1e-12)
+    p.grad = torch.randn(4)
+    opt.step()
+    m1 = opt.state[p]["exp_avg"].clone()
+    opt.observe(sig(overshoot=10))  # alpha shrinks; the momentum does not
+    g2 = torch.randn(4)
+    p.grad = g2.clone()
+    opt.step()
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.9 * m1 + 0.1 * g2, rtol=1e-6)
 
 
 def test_controller_scales_step_not_lr_or_weight_decay_and_follows_scheduler():
@@ -209,7 +231,7 @@ def test_controller_scales_step_not_lr_or_weight_decay_and_follows_scheduler():
 def test_controller_momentum_halving_is_applied_once():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4))
-    opt = ClipAwareAdamW([p], lr=1e-2, gate=False)
+    opt = ClipAwareAdamW([p], lr=1e-2, gate=False, shrink_momentum=True)
     p.grad = torch.randn(4)
     opt.step()
     m1 = opt.state[p]["exp_avg"].clone()
@@ -413,13 +435,13 @@ def test_resume_with_pending_momentum_halving():
 
     def run(interrupt: bool):
         p = torch.nn.Parameter(torch.ones(5))
-        o = ClipAwareAdamW([p])
+        o = ClipAwareAdamW([p], shrink_momentum=True)
         for i, g in enumerate(grads):
             o.observe(sig(overshoot=10 if i == 3 else 0))
             if interrupt and i == 3:
                 sd = copy.deepcopy(o.state_dict())
                 p = torch.nn.Parameter(p.detach().clone())
-                o = ClipAwareAdamW([p])
+                o = ClipAwareAdamW([p], shrink_momentum=True)
                 o.load_state_dict(sd)
                 assert o.state[p]["ca_m_scale"] == 0.5
             p.grad = g.clone()
@@ -476,7 +498,7 @@ def assert_unchanged(opt, params, snap):
 
 def warmed(nonfinite="skip"):
     params = make_params()
-    opt = ClipAwareAdamW(groups_of(params), nonfinite=nonfinite)
+    opt = ClipAwareAdamW(groups_of(params), nonfinite=nonfinite, shrink_momentum=True)
     for p in params:
         p.grad = torch.randn(p.shape)
     opt.observe(sig(overshoot=10))

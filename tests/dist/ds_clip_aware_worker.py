@@ -131,7 +131,7 @@ def run_config(spec: str, rank: int, world: int):
 
     parts = spec.split(":")
     stage, dtype, offload = int(parts[0]), parts[1], len(parts) > 2 and parts[2] == "offload"
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, tau=0.02)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, tau=0.02, grow=1.25, reset_on_rollout=True, shrink_momentum=True)
     torch.manual_seed(0)
     model = Net()
     init_state = copy.deepcopy(model.state_dict())
