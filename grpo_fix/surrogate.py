@@ -45,7 +45,9 @@ from .signal import TrustRegionSignal
 from .validation import check_shapes, check_values
 
 #: |log-ratio| and |ref - logp| are clamped to this before ``exp`` (as verl and OpenRLHF do), so
-#: a ratio never overflows to inf; it only matters beyond ratios of e^20 ~ 4.9e8.
+#: a ratio never overflows to inf; it only matters beyond ratios of e^20 ~ 4.9e8.  For fp16
+#: log-probs the bound is lowered to log(65504) - 4 ~ 7.1 so that the gradient, which is returned
+#: in the input's dtype and scales with the ratio, cannot overflow either.
 LOG_RATIO_CLAMP = 20.0
 BACKENDS = ("auto", "torch", "triton")
 
@@ -319,7 +321,8 @@ def token_terms(
         log_s = (log_ratio_tok * m).sum(-1, keepdim=True)
     else:
         log_s = log_ratio_tok
-    s = _exp(log_s)
+    bound = min(LOG_RATIO_CLAMP, math.log(torch.finfo(logp.dtype).max) - 4.0)
+    s = _exp(log_s, bound)
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
 
     # policy term phi; "zeroed" marks tokens in the clipped region of Eq. 28
@@ -348,9 +351,9 @@ def token_terms(
         elif cfg.kl_estimator == "k2":
             kl = 0.5 * d * d
         else:
-            kl = _exp(d) - d - 1.0
+            kl = _exp(d, bound) - d - 1.0
         if cfg.kl_times_ratio:
-            kl = kl * (s if cfg.clips else _exp(log_ratio_tok))
+            kl = kl * (s if cfg.clips else _exp(log_ratio_tok, bound))
         if cfg.beta != 0.0:
             per_token_loss = per_token_loss + cfg.beta * kl
 
@@ -358,8 +361,8 @@ def token_terms(
     return TokenTerms(loss, per_token_loss, adv, s.detach(), log_s.detach(), zeroed, grad_scale, kl, lengths)
 
 
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+def _exp(x: torch.Tensor, bound: float) -> torch.Tensor:
+    return torch.exp(x.clamp(-bound, bound))
 
 
 def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
