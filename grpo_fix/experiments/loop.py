@@ -26,6 +26,7 @@ import torch
 
 from .. import toy
 from ..advantages import group_advantages
+from ..diagnostics import adam_eps_report
 from ..prefix import prefix_consistent_advantages
 from ..surrogate import GroupSurrogateLoss
 from .baselines import make_optimizer, on_rollout_start
@@ -62,6 +63,7 @@ class RunResult:
     steps: list[dict] = field(default_factory=list)  # one record per optimizer step
     seconds: float = 0.0
     final_params: torch.Tensor | None = None
+    adam_eps: dict | None = None  # adam_eps_report of the final optimizer state (Prop. 2's condition)
 
     def summary(self, tail: int = 3) -> dict:
         later = [s for s in self.steps if s["inner"] > 0]  # steps taken off-policy
@@ -161,6 +163,10 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
         if progress is not None:
             progress(r, result.rewards[-1])
     result.seconds = time.perf_counter() - start
+    if cfg.rollouts and cfg.inner_steps:
+        rep = adam_eps_report(opt)
+        result.adam_eps = {"median_shrink": rep.median_shrink, "p99_shrink": rep.p99_shrink,
+                           "fraction_above_1pct": rep.fraction_above_threshold, "negligible": rep.negligible}
     if keep_params:
         result.final_params = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     if not all(math.isfinite(x) for x in result.rewards):

@@ -7,10 +7,10 @@ condition we report the parameter distance to the phi = 1 run, relative to how f
 
     d(phi) = ||theta_phi - theta_1|| / ||theta_1 - theta_0||,
 
-and the reward trajectory.  Conditions: Adam eps = 0 (the exact limit of Prop. 2), eps = 1e-8
-(PyTorch's default), eps = 1e-5 (common in RL code, Huang et al. 2022), and beta > 0 (a KL term,
-which Prop. 2 excludes).  ``adam_eps_report`` of the phi = 0.01 run tells whether eps was
-negligible.  Theory: d = 0 up to float rounding for eps = 0 (and for eps = 1e-8 whenever eps is
+the reward trajectory, and ``adam_eps_report``'s median of eps / (sqrt(v_hat) + eps) at the end
+of each run (whether eps is negligible: Prop. 2's condition).  Conditions: Adam eps = 0 (the exact
+limit of Prop. 2), eps = 1e-8 (PyTorch's default), eps = 1e-5 (common in RL code, Huang et al.
+2022), and beta > 0 (a KL term, which Prop. 2 excludes).  Theory: d = 0 up to float rounding for eps = 0 (and for eps = 1e-8 whenever eps is
 negligible), d > 0 once eps matters or beta > 0.
 """
 
@@ -49,6 +49,8 @@ def run(rollouts: int = 8, inner_steps: int = 4, seed: int = 0, lr: float = 1e-3
                 "condition": name, "phi": phi,
                 "rel_distance_to_phi1": float((runs[phi].final_params - runs[1.0].final_params).norm()) / moved,
                 "reward_final": runs[phi].summary()["reward_final"],
+                "eps_median_shrink": runs[phi].adam_eps["median_shrink"],
+                "eps_negligible": runs[phi].adam_eps["negligible"],
                 "rewards": runs[phi].rewards,
             })
     return rows
@@ -62,7 +64,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     rows = run(args.rollouts, args.inner_steps, args.seed)
-    table = markdown_table(rows, ["condition", "phi", "rel_distance_to_phi1", "reward_final"], floatfmt=".3g")
+    table = markdown_table(rows, ["condition", "phi", "rel_distance_to_phi1", "reward_final", "eps_median_shrink",
+                                  "eps_negligible"], floatfmt=".3g")
 
     def plot(fig):
         for j, name in enumerate(CONDITIONS):
