@@ -91,9 +91,20 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="overshoot", help="basename of the result files")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--from-json", help="re-render the table and plot of an earlier run's JSON (no training)")
     args = ap.parse_args(argv)
-    rows = run(args.mus, args.optimizers, list(range(args.seeds)), args.rollouts, args.lr,
-               progress=None if args.quiet else print)
+    if args.from_json:
+        import json
+
+        saved = json.loads(open(args.from_json).read())
+        rows = saved["rows"]
+        for r in rows:  # JSON keys are strings
+            r["overshoot_by_inner_step"] = {int(k): v for k, v in r["overshoot_by_inner_step"].items()}
+        for key in ("mus", "optimizers", "seeds", "rollouts", "lr"):
+            setattr(args, key, saved["args"][key])
+    else:
+        rows = run(args.mus, args.optimizers, list(range(args.seeds)), args.rollouts, args.lr,
+                   progress=None if args.quiet else print)
     cols = ["mu", "optimizer", "overshoot_fraction", "max_excess", "mean_max_excess", "reward_start", "reward_final",
             "reward_final_sd"]
     table = markdown_table(rows, cols, floatfmt=".3g")
@@ -125,8 +136,9 @@ def main(argv=None) -> list[dict]:
         ax3.set(xlabel="rollout", ylabel=f"mean reward (mu = {focus})")
         ax1.legend(fontsize=7)
 
-    write_results(args.out, args.name, title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}", table=table,
-                  payload={"args": vars(args), "rows": rows}, plot=plot)
+    payload_args = {k: v for k, v in vars(args).items() if k != "from_json"}
+    write_results(args.out, args.name, title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}",
+                  table=table, payload={"args": payload_args, "rows": rows}, plot=plot)
     print(table)
     return rows
 
