@@ -127,13 +127,16 @@ def main(argv=None) -> list[dict]:
         for name in args.optimizers:
             rs = [r for r in rows if r["optimizer"] == name]
             ax1.plot([r["mu"] for r in rs], [max(r["overshoot_fraction"], 1e-4) for r in rs], "o-", label=name)
-            ax2.plot([r["mu"] for r in rs], [max(r["max_excess"], 1e-4) for r in rs], "o-", label=name)
+            ax2.plot([r["mu"] for r in rs], [max(r["mean_max_excess"], 1e-4) for r in rs], "o-", label=name)
             focus_row = next((r for r in rs if r["mu"] == focus), None)
             if focus_row:
                 ax3.plot(focus_row["reward_curve"], label=name)
         ax1.set(xscale="log", yscale="log", xlabel="mu (steps per rollout batch)", ylabel="overshoot fraction")
-        ax2.set(xscale="log", yscale="log", xlabel="mu", ylabel="max |log s| excess")
+        ax2.set(xscale="log", yscale="log", xlabel="mu", ylabel="per-step max |log s| excess (mean)")
         ax3.set(xlabel="rollout", ylabel=f"mean reward (mu = {focus})")
+        for ax in (ax1, ax2):
+            ax.set_xticks(args.mus, [str(m) for m in args.mus])
+            ax.minorticks_off()
         ax1.legend(fontsize=7)
 
     payload_args = {k: v for k, v in vars(args).items() if k != "from_json"}
