@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from .loop import RunConfig, train
 from .report import markdown_table, write_results
