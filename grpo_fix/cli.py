@@ -12,7 +12,7 @@ EXPERIMENTS = {
     "reward-scale": "grpo_fix.experiments.reward_scale",
     "overshoot": "grpo_fix.experiments.overshoot",
 }
-BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py")
+BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py", "bench_train_step.py")
 
 
 def _bench(argv: list[str]) -> int:
