@@ -25,7 +25,15 @@ pytest.importorskip("trl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import trl  # noqa: E402
-from tiny_trl import build_dataset, build_model, build_tokenizer, fixed_generation, reward_len, save_tiny  # noqa: E402
+from tiny_trl import (  # noqa: E402
+    TRAINER_BASE,
+    build_dataset,
+    build_model,
+    build_tokenizer,
+    fixed_generation,
+    reward_len,
+    save_tiny,
+)
 
 from grpo_fix import GroupSurrogateLoss  # noqa: E402
 from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTrainer  # noqa: E402
@@ -33,20 +41,7 @@ from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTr
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-BASE = dict(
-    use_cpu=True,
-    bf16=False,
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=8,
-    max_steps=3,
-    learning_rate=1e-2,
-    logging_steps=1,
-    report_to="none",
-    save_strategy="no",
-    seed=0,
-    gradient_checkpointing=False,
-)
+BASE = dict(TRAINER_BASE, use_cpu=True)
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,34 @@ def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, 
     if beta:
         out["ref_per_token_logps"] = logp + 0.2 * torch.randn(logp.shape, generator=g)
     return out
+
+
+#: GRPOFixConfig settings shared by the TRL tests and their 2-rank workers (tiny and fast on CPU).
+TRAINER_BASE = dict(
+    bf16=False,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    gradient_checkpointing=False,
+)
+
+
+def exit_after_barrier() -> None:
+    """End a torchrun worker without running C++ static destructors: a DeepSpeed/gloo background
+    thread still joinable at interpreter exit aborts the process ("terminate called without an
+    active exception", exit -6) now and then, after all the work is done and reported."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+

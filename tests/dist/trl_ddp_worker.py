@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 def main() -> None:
     out_path = sys.argv[1]
     import trl
-    from tiny_trl import build_dataset, build_model, build_tokenizer, fixed_generation, reward_len
+    from tiny_trl import build_dataset, build_model, build_tokenizer, exit_after_barrier, fixed_generation, reward_len
 
     from grpo_fix import GroupSurrogateLoss, prefix_consistent_advantages
     from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTrainer
@@ -101,13 +101,7 @@ def main() -> None:
         }
         with open(out_path, "w") as f:
             json.dump(report, f)
-    # Leave without running C++ static destructors: a DeepSpeed/gloo background thread still
-    # joinable at interpreter exit aborts the process ("terminate called without an active
-    # exception", exit -6) now and then, after all the work is done and reported.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_barrier()
 
 
 if __name__ == "__main__":

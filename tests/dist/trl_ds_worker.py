@@ -49,7 +49,7 @@ def main() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _patch_accelerate_for_cpu_multiprocess()
 
-    from tiny_trl import build_dataset, build_model, build_tokenizer, reward_len
+    from tiny_trl import TRAINER_BASE, build_dataset, build_model, build_tokenizer, exit_after_barrier, reward_len
 
     from grpo_fix.clip_aware_adamw import ClipAwareAdamW
     from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
@@ -86,21 +86,7 @@ def main() -> None:
         "bf16": {"enabled": False},
     }
     args = GRPOFixConfig(
-        output_dir=tempfile.mkdtemp(),
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        num_iterations=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        gradient_checkpointing=False,
-        deepspeed=ds_config,
-        loss_kernel=loss_kernel,
+        output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel, **TRAINER_BASE
     )
     trainer = GRPOFixTrainer(
         model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
@@ -140,13 +126,7 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(reports, f)
-    # Leave without running C++ static destructors: a DeepSpeed/gloo background thread still
-    # joinable at interpreter exit aborts the process ("terminate called without an active
-    # exception", exit -6) now and then, after all the work is done and reported.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_barrier()
 
 
 if __name__ == "__main__":
