@@ -52,7 +52,25 @@ def _trl_loss(loss_type, logp, inputs, *, eps_low, eps_high, beta, delta, ga, sp
         args=types.SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, steps_per_generation=spg),
     )
     fake._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
-    return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+    loss = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+    return loss, {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+def _trl_inputs(mask, adv, old, ref=None, num_items=None):
+    """The buffered micro-batch dict TRL's _compute_loss reads (prompt/ids are unused: logp is given)."""
+    B, T = mask.shape
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum().double() if num_items is None else num_items,
+    }
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref
+    return inputs
 
 
 def _inputs(B, T, seed, per_token_adv=False):
@@ -80,17 +98,8 @@ def test_presets_match_trl_compute_loss(loss_type, beta, delta, ga, spg, eps_hig
     logp, old, ref, mask, adv = _inputs(B, T, seed=10 * ga + len(loss_type), per_token_adv=per_token_adv)
     # TRL's dapo normaliser: num_items_in_batch spans the generation batch (spg micro-batches)
     num_items = torch.tensor(float(mask.sum() * spg))
-    inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": ref,
-        "num_items_in_batch": num_items,
-    }
-    trl_loss = _trl_loss(
+    inputs = _trl_inputs(mask, adv, old, ref, num_items)
+    trl_loss, trl_metrics = _trl_loss(
         loss_type, logp, inputs, eps_low=0.2, eps_high=eps_high, beta=beta, delta=delta, ga=ga, spg=spg,
         max_len=max_len, bias_kl=bias_kl,
     )
@@ -108,24 +117,18 @@ def test_presets_match_trl_compute_loss(loss_type, beta, delta, ga, spg, eps_hig
     (grad,) = torch.autograd.grad(out.loss, logp)
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-6, atol=1e-9)
-    # metrics are TRL's clip ratios (TRL logs them through accelerator.reduce)
-    assert 0.0 <= float(out.metrics["clip_region"]) <= 1.0
+    # the clip fractions are TRL's logged clip ratios
+    for ours, theirs in (("clip_low", "low_mean"), ("clip_high", "high_mean"), ("clip_region", "region_mean")):
+        assert float(out.metrics[ours]) == pytest.approx(trl_metrics[f"clip_ratio/{theirs}"], abs=1e-7)
+    assert float(out.metrics["clip_region"]) > 0  # the inputs really clip
 
 
 def test_cispo_maps_trl_raw_cap():
     """TRL caps CISPO's IS weight at the raw epsilon_high; ours at 1 + eps_high."""
     B, T = 4, 7
     logp, old, _, mask, adv = _inputs(B, T, seed=3)
-    inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "num_items_in_batch": mask.sum().double(),
-    }
-    trl_loss = _trl_loss("cispo", logp, inputs, eps_low=0.2, eps_high=1.1, beta=0.0, delta=None, ga=1, spg=1,
+    inputs = _trl_inputs(mask, adv, old)
+    trl_loss, _ = _trl_loss("cispo", logp, inputs, eps_low=0.2, eps_high=1.1, beta=0.0, delta=None, ga=1, spg=1,
                          max_len=T, bias_kl=True)
     (trl_grad,) = torch.autograd.grad(trl_loss, logp)
     out = GroupSurrogateLoss("cispo", eps_high=0.1)(logp, old, adv, mask, group_size=None)
