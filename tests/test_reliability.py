@@ -241,3 +241,60 @@ def test_callback_log_mode_every_8_logs_loss_and_grads(tmp_path, tok):
     opt = trainer.clip_aware_optimizer()
     assert opt.skipped_steps == 1  # the poisoned step never reached the parameters
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL resume equivalence
+# ------------------------------------------------------------------------------------------------
+def _resume_pair(tmp_path, tok, k, **kw):
+    """(uninterrupted k+3-step trainer, trainer resumed from its checkpoint-k)."""
+    kw = dict(max_steps=k + 3, save_strategy="steps", save_steps=k, **kw)
+    a = _trainer(tmp_path / "a", tok, **kw)
+    a.train()
+    b = _trainer(tmp_path / "b", tok, **kw)
+    b.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{k}"))
+    return a, b
+
+
+def _opt_state(trainer):
+    opt = trainer.clip_aware_optimizer()
+    groups = [{k: g[k] for k in ("ca_alpha", "ca_kappa", "ca_f", "ca_invalid", "lr")} for g in opt.param_groups]
+    tensors = [(float(st["step"]), st["exp_avg"].clone(), st["exp_avg_sq"].clone())
+               for p in trainer.model.parameters() for st in [opt.state[p]]]
+    return opt, groups, tensors
+
+
+# default: a new generation every step; num_iterations=2: checkpoint at a generation boundary
+# (k * GA a multiple of steps_per_generation * num_iterations), the controller has shrunk alpha
+@pytest.mark.parametrize("k,kw", [(2, {}), (2, dict(num_iterations=2))], ids=["default", "num_iterations_2"])
+def test_trl_resume_equals_uninterrupted(tmp_path, tok, k, kw):
+    a, b = _resume_pair(tmp_path, tok, k, **kw)
+    assert a.state.global_step == b.state.global_step == k + 3
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=n)
+    oa, ga, ta = _opt_state(a)
+    ob, gb, tb = _opt_state(b)
+    assert gb == ga
+    assert oa.skipped_steps == ob.skipped_steps == 0
+    for (sa, ma, va), (sb, mb, vb) in zip(ta, tb):
+        assert sa == sb == k + 3
+        torch.testing.assert_close(mb, ma, atol=1e-6, rtol=0)
+        torch.testing.assert_close(vb, va, atol=1e-9, rtol=0)
+    if kw.get("num_iterations"):
+        assert ga[0]["ca_alpha"] < 1.0  # the controller state really had to survive the checkpoint
+    # the resumed run loaded the checkpoint (not a fresh start): it ran only the last 3 micro-steps
+    assert a._step == k + 3 and b._step == 3
+
+
+def test_trl_resume_mid_generation_buffer_is_not_exact(tmp_path, tok):
+    """Documented limitation (TRL 1.16, not grpo-fix): resuming between two generations (k * GA not
+    a multiple of steps_per_generation * num_iterations) is not exact.  TRL keeps the buffered
+    completions (``_buffered_inputs``) and its micro-step counter ``_step`` only in memory; on
+    resume ``_step`` restarts at 0, so TRL regenerates completions for the pending replay with the
+    current policy and RNG, and the generation schedule (and our window position / rollout flag,
+    which read ``_step``) is shifted from then on.  If TRL starts checkpointing them this test
+    fails: then make the mid-buffer case exact in test_trl_resume_equals_uninterrupted."""
+    a, b = _resume_pair(tmp_path, tok, 3, num_iterations=2)
+    assert a._step == 6 and b._step == 3  # the resumed trainer counts micro-steps from 0
+    diff = max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert diff > 1e-4
