@@ -325,10 +325,13 @@ def _ds_env(**extra):
 
 
 def _ds_run(cmd, env, out, cwd):
+    """Run a worker; its records by stage (and the run's directory as record ``"_dir"``)."""
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return {r["stage"]: r for r in json.loads(out.read_text())}
+    recs = {r["stage"]: r for r in json.loads(out.read_text())}
+    recs["_dir"] = cwd
+    return recs
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +374,53 @@ def test_deepspeed_checkpoint_round_trip_single_process(ds_single, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_checkpoint_round_trip_two_ranks(ds_two_ranks, stage):
     _check_ds_record(ds_two_ranks[stage], 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Universal checkpoint: saved on 2 ranks, ds_to_universal, resumed on 1 rank
+# ------------------------------------------------------------------------------------------------
+UNIVERSAL_STAGES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def ds_universal(ds_two_ranks):
+    d = ds_two_ranks["_dir"]
+    ckpt = d / "ckpt"
+    for stage in UNIVERSAL_STAGES:
+        tag = f"z{stage}_step2"
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+             "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
+             "--num_merge_workers", "1", "--inject_missing_state"],
+            env=_ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = d / "universal.json"
+    env = _ds_env(MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    return _ds_run([sys.executable, DS_WORKER, str(out), str(ckpt), ",".join(map(str, UNIVERSAL_STAGES)),
+                    str(d / "out.json")], env, out, d)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_universal_checkpoint_resume_on_other_rank_count(ds_universal, stage):
+    rec = ds_universal[stage]
+    assert (rec["saved_world"], rec["world"]) == (2, 1)
+    assert rec["alpha_loaded"] == rec["alpha_at_k"] and rec["alpha_loaded"][0] < 1.0, rec  # ca_alpha converted
+    assert rec["weight_decay_loaded"] == [0.1, 0.0], rec
+    # 1 rank replays the 2-rank steps (whole batch, summed signal): equal up to reduction order
+    assert rec["param_diff"] <= 1e-6, rec
+    assert rec["groups_b"] == rec["groups_a"], rec
+
+
+def test_deepspeed_universal_checkpoint_zero3_limitation(ds_universal):
+    """DeepSpeed 0.19.8 bug, not grpo-fix: the ZeRO-3 universal loader
+    (stage3.py ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) copies the saved FIRST param
+    group's hyperparameters into every group, so the no-decay group comes back with weight_decay
+    0.1.  Even with the per-group weight decay re-applied the continuation is not exact (measured
+    max |diff| ~3e-4 to 6e-4 after 3 steps, 1->1 and 2->1 ranks; the first step's loss and grad norm
+    agree, the update does not; not investigated further).  The controller state is converted.
+    If DeepSpeed fixes it this test fails: then assert exactness for ZeRO-3 above."""
+    rec = ds_universal[3]
+    assert rec["alpha_loaded"] == rec["alpha_at_k"] and rec["alpha_loaded"][0] < 1.0, rec
+    assert rec["weight_decay_loaded"] == [0.1, 0.1], rec
+    assert 1e-5 < rec["param_diff"] < 1e-2, rec

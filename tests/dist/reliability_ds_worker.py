@@ -1,12 +1,16 @@
 """Worker for tests/test_reliability.py: DeepSpeed save_checkpoint / load_checkpoint round trip with ClipAwareAdamW.
 
-Run as ``python reliability_ds_worker.py OUT.json CKPT_DIR STAGES`` with the torch.distributed env
+Run as ``python reliability_ds_worker.py OUT.json CKPT_DIR STAGES [SAVED.json]`` with the torch.distributed env
 set (single process) or under ``torchrun``.  For each ZeRO stage (fp32, gradient clipping, the
 controller shrinking alpha on overshooting windows) it trains the tiny MLP of
 ds_clip_aware_worker.py for K + 3 steps, saving at step K (run A), then builds a FRESH engine
 (different initial weights), ``load_checkpoint``s step K and trains the last 3 steps (run B).
 Rank 0 writes one JSON record per stage: max |A - B| over the full fp32 parameters and Adam
 moments, both runs' ca_alpha / ca_kappa per group, and how far B's initial weights were from A's.
+
+With SAVED.json (the records of a saving run, possibly on another number of ranks) it instead
+loads ``z{stage}_step{K}_universal`` (``ds_to_universal`` of that run's checkpoint) with
+``checkpoint.load_universal`` and compares the last 3 steps with the saving run's end.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ STEPS = K + 3
 KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, tau=0.02)
 
 
-def make_engine(stage: int, seed: int):
+def make_engine(stage: int, seed: int, load_universal: bool = False, mb: int = MB):
     import deepspeed
     from grpo_fix.integration.deepspeed import (
         attach_deepspeed,
@@ -45,26 +49,38 @@ def make_engine(stage: int, seed: int):
     model = Net()
     opt = ClipAwareAdamW(param_groups(model), **KW)
     cfg = clip_aware_deepspeed_config({
-        "train_micro_batch_size_per_gpu": MB,
+        "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": False},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     })
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     attach_deepspeed(opt, engine)
     return engine, model, opt
 
 
-def train(engine, opt, steps, rank, world):
+def train(engine, opt, steps, rank, world, as_world=None):
+    """Each rank trains on its MB rows of the step's global batch, with its own local signal
+    all-reduced.  ``as_world=W`` on ONE rank replays a W-rank run: the whole W * MB batch (its
+    mean loss is the mean of the W equal-sized per-rank means) and the sum of the W local signals."""
     for step in steps:
-        x, y = batch(step, world)
-        xs, ys = x[rank * MB:(rank + 1) * MB], y[rank * MB:(rank + 1) * MB]
+        if as_world is None:
+            x, y = batch(step, world)
+            xs, ys = x[rank * MB:(rank + 1) * MB], y[rank * MB:(rank + 1) * MB]
+            sig = local_signal(rank, step)
+        else:
+            assert world == 1
+            xs, ys = batch(step, as_world)
+            sig = local_signal(0, step)
+            for r in range(1, as_world):
+                sig = sig + local_signal(r, step)
         loss = torch.nn.functional.mse_loss(engine(xs), ys)
         engine.backward(loss)
-        opt.observe(local_signal(rank, step), all_reduce=True)
+        opt.observe(sig, all_reduce=True)
         engine.step()
 
 
@@ -131,14 +147,54 @@ def run_stage(stage: int, ckpt: str, rank: int, world: int):
         "steps_b": sb,
         "init_gap": maxdiff(pa, p0),
         "wrapper": type(eng_b.optimizer).__name__,
+        "final_params": [p.flatten().tolist() for p in pa],
     }
     for e in (eng_a, eng_b):
         e.destroy() if hasattr(e, "destroy") else None
     return rec
 
 
+def resume_universal(stage: int, ckpt: str, ref: dict, rank: int, world: int):
+    """Load ``z{stage}_step{K}_universal`` (ds_to_universal of a checkpoint saved on another number
+    of ranks) into a fresh engine, train the last 3 steps, compare with the saving run's end."""
+    saved = ref["world"]
+    as_world = saved if world == 1 and saved > 1 else None
+    if world not in (1, saved):
+        raise ValueError("resume_universal replays the saving run on one rank (or on as many ranks)")
+    eng, model, opt = make_engine(stage, seed=1, load_universal=True, mb=MB * (saved if as_world else 1))
+    path, client = eng.load_checkpoint(ckpt, tag=f"z{stage}_step{K}_universal")
+    assert path is not None, path
+    alpha_loaded = [float(g["ca_alpha"]) for g in opt.param_groups]
+    wd_loaded = [float(g["weight_decay"]) for g in opt.param_groups]
+    # DeepSpeed 0.19.8 ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    # copies the SAVED FIRST param group's hyperparameters into EVERY group: the no-decay group gets
+    # weight_decay 0.1.  Workaround (what a user must do too): re-apply per-group hyperparameters.
+    for g, wd in zip(opt.param_groups, [pg["weight_decay"] for pg in param_groups(model)]):
+        g["weight_decay"] = wd
+    train(eng, opt, range(K, STEPS), rank, world, as_world=as_world)
+    pb = full_params(model, stage)
+    pa = [torch.tensor(x) for x in ref["final_params"]]
+    rec = {
+        "stage": stage,
+        "world": world,
+        "saved_world": ref["world"],
+        "param_diff": maxdiff(pa, pb),
+        "alpha_at_k": ref["alpha_at_k"],
+        "alpha_loaded": alpha_loaded,
+        "weight_decay_loaded": wd_loaded,
+        "groups_a": ref["groups_a"],
+        "groups_b": [[float(g["ca_alpha"]), float(g["ca_kappa"])] for g in opt.param_groups],
+    }
+    eng.destroy() if hasattr(eng, "destroy") else None
+    return rec
+
+
 def main():
     out, ckpt, stages = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
+    refs = None
+    if len(sys.argv) > 4:  # resume from universal checkpoints; argv[4] = the saving run's JSON
+        with open(sys.argv[4]) as f:
+            refs = {r["stage"]: r for r in json.load(f)}
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     skip_shm_build()
     import deepspeed
@@ -148,7 +204,10 @@ def main():
     records = []
     for stage in stages:
         try:
-            records.append(run_stage(stage, ckpt, rank, world))
+            if refs is None:
+                records.append(run_stage(stage, ckpt, rank, world))
+            else:
+                records.append(resume_universal(stage, ckpt, refs[stage], rank, world))
         except BaseException:
             import traceback
 
