@@ -67,6 +67,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
@@ -280,6 +281,10 @@ def surrogate_config_from_args(args: GRPOConfig) -> SurrogateConfig:
     return preset.replace(**kw)
 
 
+def _buffer_file(process_index: int) -> str:
+    return f"grpo_fix_generation_buffer_rank{process_index}.pt"
+
+
 # ------------------------------------------------------------------------------------------------
 # trainer
 # ------------------------------------------------------------------------------------------------
@@ -377,6 +382,29 @@ class GRPOFixTrainer(GRPOTrainer):
                 attach_deepspeed(opt, engine)
         self._gf_optimizer = opt
         return opt
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint plus this process's generation buffer and micro-step counter.
+
+        TRL 1.16 keeps the buffered completions and ``_step`` only in memory, so a run resumed
+        between two generations would regenerate the pending replays with the current policy and
+        shift its generation schedule (and our window position and rollout flag, which read
+        ``_step``).  Saving both makes ``resume_from_checkpoint`` exact at any optimizer step."""
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {"step": self._step, "whole_groups": self._gf_whole_groups, "buffered_inputs": self._buffered_inputs}
+        torch.save(state, os.path.join(folder, _buffer_file(self.accelerator.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, _buffer_file(self.accelerator.process_index))
+        if path is None or not os.path.exists(path):
+            return
+        state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+        self._step = state["step"]
+        self._gf_whole_groups = state["whole_groups"]
+        self._buffered_inputs = state["buffered_inputs"]
 
     # -- generation time -------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):

@@ -284,22 +284,22 @@ def test_trl_resume_equals_uninterrupted(tmp_path, tok, k, kw):
         torch.testing.assert_close(vb, va, atol=1e-9, rtol=0)
     if kw.get("num_iterations"):
         assert ga[0]["ca_alpha"] < 1.0  # the controller state really had to survive the checkpoint
-    # the resumed run loaded the checkpoint (not a fresh start): it ran only the last 3 micro-steps
-    assert a._step == k + 3 and b._step == 3
+    # the resumed run restored TRL's micro-step counter with the checkpoint
+    assert a._step == b._step == k + 3
 
 
-def test_trl_resume_mid_generation_buffer_is_not_exact(tmp_path, tok):
-    """Documented limitation (TRL 1.16, not grpo-fix): resuming between two generations (k * GA not
-    a multiple of steps_per_generation * num_iterations) is not exact.  TRL keeps the buffered
-    completions (``_buffered_inputs``) and its micro-step counter ``_step`` only in memory; on
-    resume ``_step`` restarts at 0, so TRL regenerates completions for the pending replay with the
-    current policy and RNG, and the generation schedule (and our window position / rollout flag,
-    which read ``_step``) is shifted from then on.  If TRL starts checkpointing them this test
-    fails: then make the mid-buffer case exact in test_trl_resume_equals_uninterrupted."""
+def test_trl_resume_mid_generation_buffer_is_exact(tmp_path, tok):
+    """Resuming between two generations (k * GA not a multiple of steps_per_generation *
+    num_iterations): TRL 1.16 keeps its buffered completions and micro-step counter ``_step`` only
+    in memory and would regenerate the pending replay; GRPOFixTrainer checkpoints both, so the
+    resumed run replays the same completions at the same window positions."""
     a, b = _resume_pair(tmp_path, tok, 3, num_iterations=2)
-    assert a._step == 6 and b._step == 3  # the resumed trainer counts micro-steps from 0
-    diff = max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), b.model.parameters()))
-    assert diff > 1e-4
+    assert a._step == b._step == 6  # the counter was restored, not restarted
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=n)
+    _, ga, _ = _opt_state(a)
+    _, gb, _ = _opt_state(b)
+    assert gb == ga
 
 
 # ------------------------------------------------------------------------------------------------
