@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from dist_utils import ds_env, free_port, run_worker, single_process_env
 
 from grpo_fix.clip_aware_adamw import ClipAwareAdamW
 from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
@@ -21,23 +19,8 @@ SINGLE = ["0:fp32", "1:fp32", "2:fp32", "3:fp32", "0:bf16", "1:bf16", "2:bf16", 
 TWO_RANK = ["2:fp32", "3:fp32"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", **extra)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _run(cmd, env, out: Path, cwd: Path):
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    run_worker(cmd, env, out, cwd)
     return {r["config"]: r for r in json.loads(out.read_text())}
 
 
@@ -46,8 +29,7 @@ def single_results(tmp_path_factory):
     pytest.importorskip("deepspeed")
     d = tmp_path_factory.mktemp("ds1")
     out = d / "out.json"
-    env = _env(MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    return _run([sys.executable, str(WORKER), str(out), ",".join(SINGLE)], env, out, d)
+    return _run([sys.executable, str(WORKER), str(out), ",".join(SINGLE)], single_process_env(), out, d)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def two_rank_results(tmp_path_factory):
     out = d / "out.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), str(WORKER), str(out), ",".join(TWO_RANK)]
-    return _run(cmd, _env(), out, d)
+    return _run(cmd, ds_env(), out, d)
 
 
 def _check(rec, *, stage, dtype, world):

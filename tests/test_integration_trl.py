@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ pytest.importorskip("trl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import trl  # noqa: E402
+from dist_utils import free_port  # noqa: E402
 from tiny_trl import (  # noqa: E402
     TRAINER_BASE,
     build_dataset,
@@ -413,17 +413,11 @@ def test_wrong_optimizer_detected(tmp_path, tok):
 # ------------------------------------------------------------------------------------------------
 # TRL + DeepSpeed, 2 gloo ranks
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ds_worker(tmp_path, stage, kernel="torch"):
     out = tmp_path / f"report_{stage}_{kernel}.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out), kernel]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -482,7 +476,7 @@ def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
     out = tmp_path / "ddp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -503,7 +497,7 @@ def _run_example(args, timeout=240, torchrun=0):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     pre = [sys.executable]
     if torchrun:
         pre += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", env["MASTER_PORT"]]

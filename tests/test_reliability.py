@@ -28,6 +28,7 @@ from grpo_fix.health import HealthMonitor, HealthMonitorCallback
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from dist_utils import ds_env, free_port, run_worker, single_process_env  # noqa: E402
 
 NAN = float("nan")
 
@@ -309,26 +310,9 @@ DS_WORKER = os.path.join(HERE, "dist", "reliability_ds_worker.py")
 STAGES = [0, 1, 2, 3]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ds_env(**extra):
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", **extra)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _ds_run(cmd, env, out, cwd):
     """Run a worker; its records by stage (and the run's directory as record ``"_dir"``)."""
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    run_worker(cmd, env, out, cwd)
     recs = {r["stage"]: r for r in json.loads(out.read_text())}
     recs["_dir"] = cwd
     return recs
@@ -339,7 +323,7 @@ def ds_single(tmp_path_factory):
     pytest.importorskip("deepspeed")
     d = tmp_path_factory.mktemp("ds_resume1")
     out = d / "out.json"
-    env = _ds_env(MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    env = single_process_env()
     return _ds_run([sys.executable, DS_WORKER, str(out), str(d / "ckpt"), ",".join(map(str, STAGES))], env, out, d)
 
 
@@ -349,8 +333,8 @@ def ds_two_ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("ds_resume2")
     out = d / "out.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), DS_WORKER, str(out), str(d / "ckpt"), ",".join(map(str, STAGES))]
-    return _ds_run(cmd, _ds_env(), out, d)
+           str(free_port()), DS_WORKER, str(out), str(d / "ckpt"), ",".join(map(str, STAGES))]
+    return _ds_run(cmd, ds_env(), out, d)
 
 
 def _check_ds_record(rec, world):
@@ -392,11 +376,11 @@ def ds_universal(ds_two_ranks):
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
              "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
              "--num_merge_workers", "1", "--inject_missing_state"],
-            env=_ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
+            env=ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     out = d / "universal.json"
-    env = _ds_env(MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    env = single_process_env()
     return _ds_run([sys.executable, DS_WORKER, str(out), str(ckpt), ",".join(map(str, UNIVERSAL_STAGES)),
                     str(d / "out.json")], env, out, d)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_utils import free_port
 from grpo_fix import GroupSurrogateLoss, group_advantages, prefix_consistent_advantages
 
 B, T, G = 8, 16, 4
@@ -84,7 +85,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     out = tmp_path / "rank_grad.pt"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )
@@ -92,10 +93,3 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     dist_grad = torch.load(out)
     torch.testing.assert_close(dist_grad, window_gradient("uniform", 1), rtol=1e-6, atol=1e-12)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -193,8 +193,10 @@ def run_config(spec: str, rank: int, world: int):
     return rec
 
 
-def main():
-    out, configs = sys.argv[1], sys.argv[2].split(",")
+def run_all(items, fn, out: str) -> None:
+    """Initialise the gloo world, run ``fn(item, rank, world)`` for every item, write the records
+    (rank 0) to ``out``.  A failure exits at once: the other ranks would hang in a collective,
+    and torchrun then stops them."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     skip_shm_build()
     import deepspeed
@@ -202,15 +204,14 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     records = []
-    for spec in configs:
+    for item in items:
         try:
-            records.append(run_config(spec, rank, world))
+            records.append(fn(item, rank, world))
         except BaseException:
-            # exit at once: the other ranks would hang in a collective; torchrun then stops them
             import traceback
 
             traceback.print_exc()
-            sys.stderr.write(f"rank {rank}: config {spec} failed\n")
+            sys.stderr.write(f"rank {rank}: {item} failed\n")
             sys.stderr.flush()
             os._exit(1)
     if rank == 0:
@@ -218,6 +219,10 @@ def main():
             json.dump(records, f, indent=1)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def main():
+    run_all(sys.argv[2].split(","), run_config, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ds_clip_aware_worker import (
     batch,
     local_signal,
     param_groups,
-    skip_shm_build,
+    run_all,
 )
 
 K = 2
@@ -195,31 +195,10 @@ def main():
     if len(sys.argv) > 4:  # resume from universal checkpoints; argv[4] = the saving run's JSON
         with open(sys.argv[4]) as f:
             refs = {r["stage"]: r for r in json.load(f)}
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    skip_shm_build()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    records = []
-    for stage in stages:
-        try:
-            if refs is None:
-                records.append(run_stage(stage, ckpt, rank, world))
-            else:
-                records.append(resume_universal(stage, ckpt, refs[stage], rank, world))
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.write(f"rank {rank}: stage {stage} failed\n")
-            sys.stderr.flush()
-            os._exit(1)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(records, f, indent=1)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if refs is None:
+        run_all(stages, lambda stage, rank, world: run_stage(stage, ckpt, rank, world), out)
+    else:
+        run_all(stages, lambda stage, rank, world: resume_universal(stage, ckpt, refs[stage], rank, world), out)
 
 
 if __name__ == "__main__":
