@@ -92,7 +92,7 @@ Implementation notes
 --------------------
 - Drop-in: a subclass of ``torch.optim.AdamW`` with the same constructor and state schema
   (``step`` 0-dim tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``); extra per-group
-  scalars (``ca_alpha``, ``ca_kappa``, ``ca_f``, ``ca_invalid``) live in the param-group dicts, a
+  scalars (``ca_alpha``, ``ca_kappa``, ``ca_f``, ``ca_invalid``, ``ca_skipped``) live in the param-group dicts, a
   pending momentum shrink lives as a Python float ``state[p]["ca_m_scale"]`` (added only after
   torch's lazy init).  Loading a plain ``torch.optim.AdamW`` state dict works.
 - DeepSpeed-safe: no global step counter, no parameter shapes, empty groups skipped; every
@@ -130,11 +130,11 @@ from .signal import TrustRegionSignal
 
 __all__ = ["ClipAwareAdamW"]
 
-_GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False}
+_GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False, "ca_skipped": 0}
 _ATTR_DEFAULTS: dict[str, Any] = {
     "gate": True, "controller": True, "tau": 0.02, "backtrack": False, "shrink": 0.5, "grow": 1.25,
     "reset_on_rollout": False, "shrink_momentum": False,
-    "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto", "skipped_steps": 0,
+    "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto",
     "last_stats": {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0},
     "_backtrack_fn": None, "_deepspeed": None,
 }
@@ -228,7 +228,6 @@ class ClipAwareAdamW(torch.optim.AdamW):
         self.max_backtracks = int(max_backtracks)
         self.nonfinite = nonfinite
         self.kernel = kernel
-        self.skipped_steps = 0
         self._backtrack_fn: Callable[[], TrustRegionSignal] | None = None
         self._deepspeed: dict[str, Any] | None = None  # set by integration.deepspeed.attach_deepspeed
         # GradScaler must unscale and skip overflow steps itself (we pre-scale exp_avg).
@@ -322,6 +321,20 @@ class ClipAwareAdamW(torch.optim.AdamW):
         }
 
     @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite gradient or signal (``nonfinite="skip"``).
+
+        Counted per param group (``group["ca_skipped"]``, so it is in the state dict and survives a
+        resume; under ZeRO each group's ``step()`` call counts for its group) and reported as the
+        maximum over groups, i.e. the number of skipped optimizer steps."""
+        return int(max((g.get("ca_skipped", 0) for g in self.param_groups), default=0))
+
+    @staticmethod
+    def _count_skip(groups: list[dict[str, Any]]) -> None:
+        for g in groups:
+            g["ca_skipped"] = int(g.get("ca_skipped", 0)) + 1
+
+    @property
     def alpha(self) -> float:
         """The controller's current step multiplier (1.0 when the controller is off)."""
         return float(self.param_groups[0]["ca_alpha"]) if self.controller and self.param_groups else 1.0
@@ -348,7 +361,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
 
         groups = [g for g in self.param_groups if len(g["params"]) > 0]
         if any(g["ca_invalid"] for g in groups):
-            self.skipped_steps += 1
+            self._count_skip(groups)
             return loss
 
         collected = []
@@ -363,7 +376,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if not _all_finite(all_grads):
             if self.nonfinite == "raise":
                 raise FloatingPointError("ClipAwareAdamW: non-finite gradient (nonfinite='raise')")
-            self.skipped_steps += 1
+            self._count_skip(groups)
             return loss
 
         bt_fn = self._backtrack_fn if self.backtrack else None

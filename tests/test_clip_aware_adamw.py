@@ -246,6 +246,21 @@ def test_controller_momentum_halving_is_applied_once():
     assert torch.allclose(opt.state[p]["exp_avg"], 0.9 * m2 + 0.1 * g2, rtol=1e-6)
 
 
+def test_skipped_steps_survive_state_dict_round_trip():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ClipAwareAdamW([p, ], nonfinite="skip")
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    opt.step()
+    assert opt.skipped_steps == 2
+    fresh = ClipAwareAdamW([torch.nn.Parameter(torch.zeros(3))])
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.skipped_steps == 2
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
+    fresh.load_state_dict(plain)  # an AdamW checkpoint has no counter: 0
+    assert fresh.skipped_steps == 0
+
+
 def test_alpha_and_kappa_survive_state_dict_round_trip():
     p = torch.nn.Parameter(torch.randn(4))
     opt = ClipAwareAdamW([p])
@@ -482,12 +497,15 @@ def snapshot(opt, params):
     return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
 
 
-def assert_unchanged(opt, params, snap):
+def assert_unchanged(opt, params, snap, skipped=0):
     ps, sd = snap
     for p, q in zip(params, ps):
         assert torch.equal(p.detach(), q)
     now = opt.state_dict()
-    assert now["param_groups"] == sd["param_groups"]
+    # everything but the skip counter (which must count the skip) is untouched
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "ca_skipped"} for g in groups]  # noqa: E731
+    assert strip(now["param_groups"]) == strip(sd["param_groups"])
+    assert [g["ca_skipped"] for g in now["param_groups"]] == [g["ca_skipped"] + skipped for g in sd["param_groups"]]
     for k, st in sd["state"].items():
         for key, v in st.items():
             if torch.is_tensor(v):
@@ -516,7 +534,7 @@ def test_nonfinite_gradient_skip_leaves_state_untouched(bad):
     params[3].grad[2] = bad  # a single element in one tensor of the second group
     opt.step()
     assert opt.skipped_steps == 1
-    assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap, skipped=1)
     for p in params:  # the next finite step works
         p.grad = torch.randn(p.shape)
     opt.step()
