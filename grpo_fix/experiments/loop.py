@@ -163,10 +163,12 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
         if progress is not None:
             progress(r, result.rewards[-1])
     result.seconds = time.perf_counter() - start
-    if cfg.rollouts and cfg.inner_steps:
+    try:
         rep = adam_eps_report(opt)
         result.adam_eps = {"median_shrink": rep.median_shrink, "p99_shrink": rep.p99_shrink,
                            "fraction_above_1pct": rep.fraction_above_threshold, "negligible": rep.negligible}
+    except ValueError:  # no second moment yet (no step, or only zero gradients since a reset)
+        result.adam_eps = None
     if keep_params:
         result.final_params = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     if not all(math.isfinite(x) for x in result.rewards):
