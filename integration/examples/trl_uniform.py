@@ -5,8 +5,8 @@ The only change against a plain TRL script is the import (and the config class):
     -from trl import GRPOConfig, GRPOTrainer
     +from grpo_fix.integration.trl import GRPOFixConfig as GRPOConfig, GRPOFixTrainer as GRPOTrainer
 
-Runs on CPU in well under a minute with a tiny random Qwen2 and a tokenizer trained in code (no
-download)::
+Runs on CPU in well under a minute with the embedded toy task of ``grpo_fix.toy`` (a tiny random
+Qwen2, a character-level tokenizer built in code, reward = share of the letter ``a``; no download)::
 
     python integration/examples/trl_uniform.py                     # uniform loss + ClipAwareAdamW
     python integration/examples/trl_uniform.py --loss-type dapo --optimizer adamw   # TRL-like baseline
@@ -35,40 +35,6 @@ import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPTS = ["what is 2 + 2 ?", "hello world", "count to five:", "write a short poem"]
-CORPUS = PROMPTS + ["the quick brown fox jumps over the lazy dog", "abcdefghijklmnopqrstuvwxyz 0123456789"]
-
-
-def tiny_model_and_tokenizer(seed: int = 0):
-    """A 2-layer random Qwen2 and a byte-level BPE tokenizer trained on a few sentences."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 8, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|pad|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
-    tokenizer.padding_side = "left"
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
-
-
-def reward_o(completions, **kwargs):
-    """Toy reward: the share of the letter 'o' in the completion."""
-    return [c.count("o") / max(len(c), 1) for c in completions]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path or hub id (default: tiny random Qwen2 built in code)")
@@ -94,9 +60,11 @@ def main(argv=None) -> int:
     from datasets import Dataset
 
     from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
+    from grpo_fix.toy import build_model, build_prompts, build_tokenizer, target_share_reward
 
-    if a.model is None:
-        model, tokenizer = tiny_model_and_tokenizer()
+    if a.model is None:  # the embedded toy policy (grpo_fix.toy): random Qwen2, char-level tokenizer
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer)
         if a.beta > 0:  # TRL loads the reference model from a path
             path = tempfile.mkdtemp(prefix="grpo_fix_tiny_")
             model.save_pretrained(path)
@@ -133,8 +101,8 @@ def main(argv=None) -> int:
         seed=0,
         deepspeed=a.deepspeed,
     )
-    trainer = GRPOFixTrainer(model=model, reward_funcs=reward_o, args=args,
-                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 16}), processing_class=tokenizer)
+    trainer = GRPOFixTrainer(model=model, reward_funcs=target_share_reward, args=args,
+                             train_dataset=Dataset.from_dict({"prompt": build_prompts(64)}), processing_class=tokenizer)
     trainer.train()
     if trainer.accelerator.is_main_process:
         keys = ("loss", "reward", "clip_ratio/region_mean", "grpo_fix/kappa", "grpo_fix/w_agg_abs",
