@@ -280,10 +280,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         try:
             signal.validate()
         except ValueError:
-            vals = torch.stack([getattr(signal, f).double().cpu() for f in
-                                ("active_mass", "total_mass", "num_tokens", "num_eligible",
-                                 "num_clipped", "num_overshoot", "max_excess")])
-            if self.nonfinite == "raise" or bool(torch.isfinite(vals).all()):
+            if self.nonfinite == "raise" or signal.is_finite():  # negative masses always raise
                 raise
             warnings.warn(f"ClipAwareAdamW: non-finite TrustRegionSignal, skipping this window's steps: "
                           f"{signal.as_dict()}", RuntimeWarning, stacklevel=2)

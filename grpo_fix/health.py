@@ -47,12 +47,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
 
-from .signal import TrustRegionSignal
+from .signal import TENSOR_FIELDS, TrustRegionSignal
 
 __all__ = ["HealthMonitor", "HealthMonitorCallback"]
 
@@ -125,7 +124,7 @@ class HealthMonitor:
         if signal is not None:
             if not isinstance(signal, TrustRegionSignal):
                 raise TypeError(f"signal must be a TrustRegionSignal, got {type(signal).__name__}")
-            fs = [f.name for f in fields(signal) if f.name != "rollout_start"]
+            fs = TENSOR_FIELDS
             ts = [getattr(signal, f).detach() for f in fs]
             for dev in dict.fromkeys(t.device for t in ts):
                 sel = [(f, t) for f, t in zip(fs, ts) if t.device == dev]

@@ -36,6 +36,8 @@ import torch
 
 _SUM_FIELDS = ("active_mass", "total_mass", "num_tokens", "num_eligible", "num_clipped", "num_overshoot")
 _MAX_FIELDS = ("max_excess",)
+#: The tensor fields of a signal (everything but ``rollout_start``).
+TENSOR_FIELDS = _SUM_FIELDS + _MAX_FIELDS
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,16 @@ class TrustRegionSignal:
         """Fraction of valid tokens whose advantage gradient is zeroed by clipping."""
         return self.num_clipped / self.num_tokens.clamp_min(1.0)
 
+    def _host_values(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f).double().cpu() for f in TENSOR_FIELDS])
+
+    def is_finite(self) -> bool:
+        """Whether every field is finite (one host sync)."""
+        return bool(torch.isfinite(self._host_values()).all())
+
     def validate(self) -> None:
         """Raise ``ValueError`` on non-finite or negative fields (one host sync)."""
-        vals = torch.stack([getattr(self, f).double().cpu() for f in _SUM_FIELDS + _MAX_FIELDS])
+        vals = self._host_values()
         if not bool(torch.isfinite(vals).all()):
             raise ValueError(f"TrustRegionSignal has non-finite fields: {self.as_dict()}")
         if bool((vals < 0).any()):
@@ -132,7 +141,7 @@ class TrustRegionSignal:
 
     def as_dict(self) -> dict[str, float | bool]:
         """Host copy of every field plus the derived kappa/fractions (syncs; use for logging)."""
-        out: dict[str, float | bool] = {f: float(getattr(self, f)) for f in _SUM_FIELDS + _MAX_FIELDS}
+        out: dict[str, float | bool] = {f: float(getattr(self, f)) for f in TENSOR_FIELDS}
         out.update(
             kappa=float(self.kappa),
             overshoot_fraction=float(self.overshoot_fraction),
