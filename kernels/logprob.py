@@ -5,7 +5,10 @@ over ``BLOCK_V`` blocks of the row (one read of the logits), then the log-prob o
 ``logp = (z[id] / T - max) - log sum exp(z / T - max)``.  Rows whose mask is 0 are skipped (``logp = 0``).
 
 Backward, one program per token: ``dlogits = (onehot(id) - softmax(z / T)) * dlogp / T``, written
-in place into the logits buffer when asked (no extra ``[N, V]`` tensor), zero for masked rows.
+in place into the logits buffer when asked (no extra ``[N, V]`` tensor).  Rows whose upstream
+gradient is exactly 0 (masked tokens, tokens whose ratio is clipped, zero advantages without KL)
+are written as zeros without reading their logits: with a PPO clip that is typically a large share
+of the rows, so the backward moves less than its "one read + one write" of the logits.
 
 All math is fp32 whatever the logits dtype (bf16 / fp16 loads are upcast right after loading:
 the Triton CPU interpreter gets bf16 arithmetic wrong).  Logits rows may have any strides; the
@@ -106,17 +109,16 @@ def _kernels():
         n = tl.program_id(0).to(tl.int64)
         b = n // T
         t = n - b * T
+        g = tl.load(dlogp_ptr + n).to(tl.float32) * inv_temp
+        live = g != 0.0  # masked, clipped or zero-advantage tokens: zeros, the logits are not read
         if HAS_MASK:
-            valid = tl.load(mask_ptr + b * s_mb + t * s_mt) != 0
-        else:
-            valid = True
+            live = live & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
         grow = grad_ptr + b * s_gb + t * s_gt
         offs = tl.arange(0, BLOCK_V)
-        if valid:
+        if live:
             row = logits_ptr + b * s_lb + t * s_lt
             m_fin = tl.load(lse_ptr + 2 * n)
             log_s = tl.load(lse_ptr + 2 * n + 1)
-            g = tl.load(dlogp_ptr + n).to(tl.float32) * inv_temp
             tgt = tl.load(ids_ptr + b * s_ib + t * s_it).to(tl.int64)
             for start in range(0, V, BLOCK_V):
                 cols = start + offs

@@ -130,6 +130,26 @@ def test_inplace_writes_into_logits_buffer():
     assert captured["g"].data_ptr() == z.data_ptr(), "in-place backward must reuse the logits storage"
 
 
+def test_backward_skips_rows_with_zero_upstream_gradient():
+    """Rows whose dL/dlogp is exactly 0 (clipped, zero advantage) are written as zeros without
+    reading the logits: poisoning those rows with NaN after the forward changes nothing, and the
+    other rows still equal the oracle."""
+    from grpo_fix.kernels.logprob import logprob_backward, logprob_forward
+
+    d = make_batch(B=3, T=4, V=300, G=3)
+    z, ids, mask = d["logits"], d["ids"], d["mask"]
+    _, lse = logprob_forward(z, ids, mask)
+    w = torch.randn(3, 4)
+    w[0, 1] = w[2, :] = 0.0
+    poisoned = z.clone()
+    poisoned[0, 1] = poisoned[2] = float("nan")  # a real read would turn these rows into NaN
+    grad = logprob_backward(poisoned, ids, mask, lse, w * mask)
+    zr = z.clone().requires_grad_(True)
+    (oracle_logp(zr, ids) * mask * w).sum().backward()
+    assert (grad[0, 1] == 0).all() and (grad[2] == 0).all()
+    torch.testing.assert_close(grad, zr.grad, **TOL)
+
+
 def test_strided_layouts_shifted_packed_int32_float_mask():
     g = torch.Generator().manual_seed(3)
     B, T, V = 3, 4, 500
