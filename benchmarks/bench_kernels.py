@@ -3,7 +3,7 @@
 Usage (on a CUDA machine)::
 
     python benchmarks/bench_kernels.py                 # both sections, writes benchmarks/results/
-    python benchmarks/bench_kernels.py --only logits   # or --only linear
+    python benchmarks/bench_kernels.py --only logits   # or --only sweep / --only linear
     python benchmarks/bench_kernels.py --smoke-cpu     # tiny shapes on CPU (Triton interpreter), no results
 
 Every entry runs forward + backward (gradients w.r.t. the logits, or hidden and lm_head weight)
@@ -43,6 +43,8 @@ if "--smoke-cpu" in sys.argv:  # must precede any triton import
 
 import torch  # noqa: E402
 
+from grpo_fix.kernels import dw_accumulation  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 MASKED_FRACTION = 0.2
@@ -79,39 +81,49 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, iters, warmup):
-    """(median ms, peak extra GiB) of ``fn()`` (forward + backward, frees its own gradients)."""
+def measure(fn, device, iters, warmup, setup=None):
+    """(median ms, peak extra GiB, loss) of ``fn()`` (forward + backward, frees its own gradients,
+    returns the detached loss or None).  ``setup()`` runs before every run, untimed: it restores
+    inputs that an in-place backward overwrote, so every run (and every entry) sees the same data."""
+    loss = None
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
     _sync(device)
     if device.type != "cuda":
+        if setup:
+            setup()
         t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3, float("nan")
+        loss = fn()
+        return (time.perf_counter() - t0) * 1e3, float("nan"), None if loss is None else float(loss)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
+        if setup:
+            setup()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        loss = fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return statistics.median(times), peak
+    return statistics.median(times), peak, None if loss is None else float(loss)
 
 
-def run_entry(rows, section, shape, name, make_fn, device, iters, warmup, note=""):
+def run_entry(rows, section, shape, name, make_fn, device, iters, warmup, note="", setup=None):
     """Build and measure one entry; OOM / missing packages become a row with a status."""
-    row = dict(section=section, shape=shape, entry=name, median_ms=None, peak_extra_gib=None, status="ok", note=note)
+    row = dict(section=section, shape=shape, entry=name, median_ms=None, peak_extra_gib=None, loss=None,
+               status="ok", note=note)
     try:
         fn = make_fn()
         if fn is None:
             row["status"] = "unavailable (not importable, or disabled)"
         else:
-            row["median_ms"], row["peak_extra_gib"] = measure(fn, device, iters, warmup)
+            row["median_ms"], row["peak_extra_gib"], row["loss"] = measure(fn, device, iters, warmup, setup)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # keep the other entries running; record why this one did not
@@ -128,6 +140,38 @@ def run_entry(rows, section, shape, name, make_fn, device, iters, warmup, note="
 
 def _mask(B, T, device, gen):
     return torch.rand(B, T, generator=gen, device=device) >= MASKED_FRACTION
+
+
+def train_step(loss_fn, *leaves):
+    """fwd + bwd of ``loss_fn()``; the gradients are freed; returns the detached loss."""
+    def fn():
+        for t in leaves:
+            t.grad = None
+        loss = loss_fn()
+        loss.backward()
+        for t in leaves:
+            t.grad = None
+        return loss.detach()
+    return fn
+
+
+@torch.no_grad()
+def reference_loss(logits_rows, ids, old, adv, mask):
+    """The DAPO loss in fp32 from ``logits_rows(b)`` (the ``(T, V)`` logits of row b), one row at a
+    time so that the largest shapes fit: the value every entry is checked against."""
+    logp = torch.stack([torch.log_softmax(logits_rows(b).float(), -1).gather(-1, ids[b, :, None])[:, 0]
+                        for b in range(ids.shape[0])])
+    return float(dapo_loss_from_logp(logp, old, adv, mask))
+
+
+def check_losses(rows, section, shape, ref, rtol=2e-2):
+    """Flag entries of (section, shape) whose loss differs from the fp32 reference (bf16 inputs:
+    a few 1e-3 relative is rounding; a wrong argument order is far off)."""
+    for r in rows:
+        if r["section"] == section and r["shape"] == shape and r["loss"] is not None and r["status"] == "ok":
+            r["loss_rel_err"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
+            if r["loss_rel_err"] > rtol:
+                r["status"] = f"LOSS MISMATCH: {r['loss']:.6g} vs fp32 reference {ref:.6g}"
 
 
 # ----------------------------------------------------------------------------- logits path
@@ -148,18 +192,19 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
         gib = B * (T + 1) * V * 2 / 2**30
         print(f"\nlogits path {shape} bf16 (logits {gib:.2f} GiB)", flush=True)
         gen = torch.Generator(device=device).manual_seed(0)
-        logits = (torch.randn(B, T + 1, V, generator=gen, device=device) * 2).to(torch.bfloat16).requires_grad_(True)
+        logits0 = (torch.randn(B, T + 1, V, generator=gen, device=device) * 2).to(torch.bfloat16)
+        logits = logits0.clone().requires_grad_(True)
         ids = torch.randint(0, V, (B, T), generator=gen, device=device)
         mask = _mask(B, T, device, gen)
         old = -torch.rand(B, T, generator=gen, device=device) * 12 - 2
         adv = torch.randn(B, generator=gen, device=device)
 
+        def restore():  # in-place backwards (ours, Liger) overwrite the logits with their gradient
+            with torch.no_grad():
+                logits.copy_(logits0)
+
         def step(loss_fn):
-            def fn():
-                logits.grad = None
-                loss_fn().backward()
-                logits.grad = None
-            return fn
+            return train_step(loss_fn, logits)
 
         def copy_fn():
             def fn():
@@ -167,26 +212,70 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
                     logits.detach().clone()
             return fn
 
-        run_entry(rows, "logits", shape, "logits copy (1 read + 1 write)", copy_fn, device, iters, warmup)
-        run_entry(rows, "logits", shape, "TRL-style eager (fp32 log_softmax)",
-                  lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask)), device, iters, warmup)
-        run_entry(rows, "logits", shape, "torch.compile of the same",
-                  lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask)) if compiled_loss else None,
-                  device, iters, warmup)
-        run_entry(rows, "logits", shape, "Liger 0.8.5 triton_grpo_loss (inplace)",
-                  lambda: step(lambda: triton_grpo_loss(
-                      logits, old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
-                      eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None,
-                  device, iters, warmup)
-        run_entry(rows, "logits", shape, "ours logits_surrogate_loss (dapo, inplace)",
-                  lambda: step(lambda: logits_surrogate_loss(
-                      PRESETS["dapo"], logits, ids, old, adv, mask, group_size=None, inplace_backward=True).loss),
-                  device, iters, warmup)
-        run_entry(rows, "logits", shape, "ours, uniform preset (prefix-consistent, G=8)",
-                  lambda: step(lambda: logits_surrogate_loss(
-                      PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True).loss),
-                  device, iters, warmup, note="includes prefix classes and W_agg")
-        del logits, ids, mask, old, adv
+        def entry(name, make_fn, note=""):
+            run_entry(rows, "logits", shape, name, make_fn, device, iters, warmup, note=note, setup=restore)
+
+        entry("logits copy (1 read + 1 write)", copy_fn)
+        entry("TRL-style eager (fp32 log_softmax)", lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask)))
+        entry("torch.compile of the same",
+              lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask)) if compiled_loss else None)
+        entry("Liger 0.8.5 triton_grpo_loss (inplace)",
+              lambda: step(lambda: triton_grpo_loss(
+                  logits, old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
+                  eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
+        entry("ours logits_surrogate_loss (dapo, inplace)",
+              lambda: step(lambda: logits_surrogate_loss(
+                  PRESETS["dapo"], logits, ids, old, adv, mask, group_size=None, inplace_backward=True).loss))
+        check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, old, adv, mask))
+        # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
+        entry("ours, uniform preset (prefix-consistent, G=8)",
+              lambda: step(lambda: logits_surrogate_loss(
+                  PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True).loss),
+              note="includes prefix classes and W_agg; another loss, not compared")
+        del logits, logits0, ids, mask, old, adv
+
+
+SWEEP_SHAPE = (8, 2048, 151936)
+SWEEP_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16) if b // (32 * w) >= 4]
+SMOKE_SWEEP = ((2, 8, 512), [(1024, 4), (4096, 8)])
+
+
+def bench_block_sweep(rows, device, iters, warmup, shape, configs):
+    """Time our forward and backward log-prob kernels alone over (BLOCK_V, num_warps) at one
+    logits shape (bf16, 20 % masked, every unmasked row with a nonzero upstream gradient): the
+    data for choosing ``grpo_fix.kernels.logprob``'s launch heuristic.  Configurations with fewer
+    than 4 elements per thread are left out (no 64-bit bf16 access)."""
+    from grpo_fix.kernels import logprob as lp
+
+    B, T, V = shape
+    label = f"B={B} T={T} V={V}"
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(B, T + 1, V, generator=gen, device=device) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=gen, device=device)
+    mask = _mask(B, T, device, gen)
+    dlogp = torch.randn(B, T, generator=gen, device=device)
+    block0 = lp._block_v(V, lp._interpret())
+    default = (block0, lp._num_warps(block0))
+    orig = lp._block_v, lp._num_warps
+    print(f"\nlaunch sweep {label} bf16 (default BLOCK_V={default[0]}, num_warps={default[1]})", flush=True)
+    state = {}
+
+    def fwd():
+        lp.logprob_forward(logits, ids, mask)
+
+    def bwd():
+        lp.logprob_backward(logits, ids, mask, state["lse"], dlogp)
+
+    try:
+        for block, warps in configs:
+            lp._block_v, lp._num_warps = (lambda *_a, _b=block: _b), (lambda *_a, _w=warps: _w)
+            tag = f"BLOCK_V={block} warps={warps}" + (" (default)" if (block, warps) == default else "")
+            state["lse"] = lp.logprob_forward(logits, ids, mask)[1]
+            run_entry(rows, "sweep", label, f"fwd {tag}", lambda: fwd, device, iters, warmup)
+            run_entry(rows, "sweep", label, f"bwd {tag}", lambda: bwd, device, iters, warmup)
+    finally:
+        lp._block_v, lp._num_warps = orig
+    del logits, state
 
 
 # ----------------------------------------------------------------------------- logits-free path
@@ -227,11 +316,7 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters):
             return hidden[:, :T]
 
         def step(loss_fn):
-            def fn():
-                hidden.grad = weight.grad = None
-                loss_fn().backward()
-                hidden.grad = weight.grad = None
-            return fn
+            return train_step(loss_fn, hidden, weight)
 
         def floor(valid_only):
             X = hidden.detach()[:, :T].reshape(-1, H)
@@ -263,55 +348,76 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters):
                 return dapo_loss_from_logp(logp, old, adv, mask)
             return step(loss)
 
-        run_entry(rows, "linear", shape, "floor: 3 lm_head GEMMs (all tokens)", lambda: floor(False), device, iters,
-                  warmup)
-        run_entry(rows, "linear", shape, f"floor: 3 lm_head GEMMs (valid {n_valid})", lambda: floor(True), device,
-                  iters, warmup)
-        run_entry(rows, "linear", shape, "materialised logits + ours (inplace)",
-                  lambda: step(lambda: logits_surrogate_loss(
-                      PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None).loss),
-                  device, iters, warmup)
-        run_entry(rows, "linear", shape, "materialised logits + Liger triton_grpo_loss",
-                  lambda: step(lambda: triton_grpo_loss(
-                      hidden @ weight.t(), old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
-                      eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None,
-                  device, iters, warmup)
-        run_entry(rows, "linear", shape, "Liger LigerFusedLinearGRPOLoss", liger_fused, device, liger_fused_iters, 1)
-        run_entry(rows, "linear", shape, "TRL 1.16 ChunkedLogProbFunction + loss", trl_head, device, iters, warmup)
+        def entry(name, make_fn, n_iters=iters, n_warmup=warmup):
+            run_entry(rows, "linear", shape, name, make_fn, device, n_iters, n_warmup)
+
+        entry("floor: 3 lm_head GEMMs (all tokens)", lambda: floor(False))
+        entry(f"floor: 3 lm_head GEMMs (valid {n_valid})", lambda: floor(True))
+        entry("materialised logits + ours (inplace)",
+              lambda: step(lambda: logits_surrogate_loss(
+                  PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None).loss))
+        entry("materialised logits + Liger triton_grpo_loss",
+              lambda: step(lambda: triton_grpo_loss(
+                  hidden @ weight.t(), old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
+                  eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
+        entry("Liger LigerFusedLinearGRPOLoss", liger_fused, liger_fused_iters, 1)
+        entry("TRL 1.16 ChunkedLogProbFunction + loss", trl_head)
         for chunk in (4096, 8192):
-            run_entry(rows, "linear", shape, f"ours linear_surrogate_loss (chunk {chunk})",
-                      lambda: step(lambda: linear_surrogate_loss(
-                          PRESETS["dapo"], h_view(), weight, ids, old, adv, mask, group_size=None,
-                          chunk_tokens=chunk).loss),
-                      device, iters, warmup)
+            entry(f"ours linear_surrogate_loss (chunk {chunk})",
+                  lambda: step(lambda: linear_surrogate_loss(
+                      PRESETS["dapo"], h_view(), weight, ids, old, adv, mask, group_size=None,
+                      chunk_tokens=chunk).loss))
+        with torch.no_grad():
+            ref = reference_loss(lambda b: hidden[b, :T] @ weight.t(), ids, old, adv, mask)
+        check_losses(rows, "linear", shape, ref)
         del hidden, weight, ids, mask, old, adv
 
 
 # ----------------------------------------------------------------------------- report
 
 
+SECTIONS = (  # (section, title, entries whose time the others are divided by)
+    ("logits", "Logits path (bf16, 20 % masked)", ("Liger 0.8.5 triton_grpo_loss (inplace)",)),
+    ("sweep", "Launch sweep of our log-prob kernels alone (bf16, 20 % masked)", ()),
+    ("linear", "Logits-free path (bf16, 20 % masked)",
+     ("floor: 3 lm_head GEMMs (all tokens)", "TRL 1.16 ChunkedLogProbFunction + loss")),
+)
+
+
+def _reference_of(row, sec, ref_entry):
+    if row["section"] == "sweep":  # each kernel against its default launch
+        return next((x for x in sec if x["entry"].startswith(row["entry"][:3]) and x["entry"].endswith("(default)")),
+                    None)
+    return next((x for x in sec if x["shape"] == row["shape"] and x["entry"] == ref_entry), None)
+
+
 def to_markdown(rows, meta):
     lines = [f"# grpo_fix.kernels benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger']}, trl {meta['trl']}; "
              f"{meta['date']}; median of {meta['iters']} fwd+bwd runs after {meta['warmup']} warm-ups; "
+             f"logits-free dW accumulation: {meta['dw_accumulation']}; "
              "peak extra = max allocated during the runs minus allocated before (inputs resident, gradients "
-             "included).", ""]
-    for section, title, ref_entry in (
-        ("logits", "Logits path (bf16, 20 % masked)", "Liger 0.8.5 triton_grpo_loss (inplace)"),
-        ("linear", "Logits-free path (bf16, 20 % masked)", "floor: 3 lm_head GEMMs (all tokens)"),
-    ):
+             "included); loss err = relative difference to an fp32 reference of the same loss (a status "
+             "says LOSS MISMATCH above 2e-2).", ""]
+    for section, title, ref_entries in SECTIONS:
         sec = [r for r in rows if r["section"] == section]
         if not sec:
             continue
-        lines += [f"## {title}", "", f"| shape | entry | fwd+bwd median ms | x {ref_entry.split(' (')[0]} | "
-                  "peak extra GiB | status |", "|---|---|---|---|---|---|"]
+        refs = ref_entries or ("default launch",)
+        ref_cols = " | ".join(f"x {e.split(' (')[0]}" for e in refs)
+        lines += [f"## {title}", "", f"| shape | entry | median ms | {ref_cols} | peak extra GiB | loss err | status |",
+                  "|---|---|---|" + "---|" * len(refs) + "---|---|---|"]
         for r in sec:
-            ref = next((x for x in sec if x["shape"] == r["shape"] and x["entry"] == ref_entry), None)
-            ratio = (f"{r['median_ms'] / ref['median_ms']:.2f}"
-                     if ref and ref["median_ms"] and r["median_ms"] is not None else "-")
+            ratios = []
+            for e in refs:
+                ref = _reference_of(r, sec, e)
+                ok = ref and ref["median_ms"] and r["median_ms"] is not None
+                ratios.append(f"{r['median_ms'] / ref['median_ms']:.2f}" if ok else "-")
             ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}"
             mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
-            lines.append(f"| {r['shape']} | {r['entry']} | {ms} | {ratio} | {mem} | {r['status']} |")
+            err = f"{r['loss_rel_err']:.1e}" if r.get("loss_rel_err") is not None else "-"
+            lines.append(f"| {r['shape']} | {r['entry']} | {ms} | {' | '.join(ratios)} | {mem} | {err} | "
+                         f"{r['status']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -326,7 +432,7 @@ def _version(pkg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("logits", "linear"), default=None)
+    p.add_argument("--only", choices=("logits", "sweep", "linear"), default=None)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--liger-fused-iters", type=int, default=3, help="Liger's fused linear loss is ~1 s per run")
@@ -347,6 +453,9 @@ def main(argv=None):
     rows: list[dict] = []
     if args.only in (None, "logits"):
         bench_logits(rows, device, iters, warmup, logits_shapes, compile_ok=not args.no_compile and not args.smoke_cpu)
+    if args.only in (None, "sweep"):
+        sweep_shape, configs = SMOKE_SWEEP if args.smoke_cpu else (SWEEP_SHAPE, SWEEP_CONFIGS)
+        bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs)
     if args.only in (None, "linear"):
         bench_linear(rows, device, iters, warmup, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1)
 
@@ -354,6 +463,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
         torch=torch.__version__, triton=_version("triton"), liger=_version("liger-kernel"), trl=_version("trl"),
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), iters=iters, warmup=warmup,
+        dw_accumulation=dw_accumulation(device),
     )
     md = to_markdown(rows, meta)
     print("\n" + md)

@@ -28,7 +28,7 @@ raise ``ValueError``.  Packed (padding-free) inputs: pass ``cu_seqlens`` to eith
 ids are not accepted (derive ``cu_seqlens`` from them).
 """
 
-from .linear_loss import linear_logprobs, linear_surrogate_loss
+from .linear_loss import dw_accumulation, linear_logprobs, linear_surrogate_loss
 from .logits_loss import logits_surrogate_loss, resolve_loss_config
 from .logprob import (
     SUPPORTED_LOGIT_DTYPES,
@@ -55,6 +55,7 @@ def is_available(device=None) -> bool:
 
 __all__ = [
     "SUPPORTED_LOGIT_DTYPES",
+    "dw_accumulation",
     "is_available",
     "linear_logprobs",
     "linear_surrogate_loss",

@@ -20,6 +20,8 @@ entirely (no GEMM work; one host sync to compact the valid positions).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from grpo_fix.prefix import prefix_classes
@@ -73,18 +75,44 @@ def _gemm(out, x, weight, bias):
     return out
 
 
+@functools.cache
+def _fp32_output_gemm(device_type: str) -> bool:
+    """Whether ``torch.addmm(acc32, a16, b16, out_dtype=torch.float32)`` (a 16-bit GEMM that
+    accumulates straight into an fp32 output) works on this device type (CUDA, torch >= 2.8)."""
+    if device_type != "cuda":
+        return False
+    a = torch.ones((2, 3), dtype=torch.bfloat16, device=device_type)
+    acc = torch.ones((2, 2), dtype=torch.float32, device=device_type)
+    try:
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool((acc == 4.0).all())
+
+
+def dw_accumulation(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """How :func:`linear_surrogate_loss` accumulates ``dW`` in fp32 on ``device`` for ``dtype`` weights:
+
+    - ``"fp32"``: fp32 weights, ``addmm_`` into the fp32 accumulator;
+    - ``"fp32-output gemm"``: one 16-bit GEMM per chunk writing into the fp32 accumulator (no
+      rounding of a chunk's product, no ``[V, H]`` temporary);
+    - ``"16-bit product + fp32 add"``: where that GEMM is missing (CPU, older torch), each chunk's
+      ``[V, H]`` product is rounded to the 16-bit dtype, then added in fp32 (one ``[V, H]``
+      16-bit temporary per chunk).
+    """
+    if dtype == torch.float32:
+        return "fp32"
+    return "fp32-output gemm" if _fp32_output_gemm(torch.device(device).type) else "16-bit product + fp32 add"
+
+
 def _acc_mm(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc32 += a @ b`` with an fp32 accumulator (no rounding of each chunk's product to bf16)."""
+    """``acc32 += a @ b`` into an fp32 accumulator (see :func:`dw_accumulation`)."""
     if a.dtype == torch.float32:
         acc32.addmm_(a, b)
-        return
-    if a.is_cuda:
-        try:
-            torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
-            return
-        except (TypeError, RuntimeError):  # older torch: no mixed-dtype addmm
-            pass
-    acc32.add_(torch.mm(a, b).float())
+    elif _fp32_output_gemm(a.device.type):
+        torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+    else:
+        acc32.add_(torch.mm(a, b))
 
 
 def _chunks(valid: torch.Tensor, token_local: bool, chunk_tokens: int):

@@ -426,6 +426,29 @@ def test_linear_loss_bf16():
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2 * scale)
 
 
+def test_dw_accumulation_mode_and_fp32_accumulator():
+    """dW of 16-bit weights is accumulated in fp32 across chunks: with many chunks the result is
+    the fp32 sum of the per-chunk products (each rounded to bf16 on CPU, as documented), not a
+    running bf16 sum."""
+    from grpo_fix.kernels import dw_accumulation
+    from grpo_fix.kernels.linear_loss import _acc_mm
+
+    assert dw_accumulation("cpu", torch.float32) == "fp32"
+    assert dw_accumulation("cpu", torch.bfloat16) == "16-bit product + fp32 add"
+    g = torch.Generator().manual_seed(5)
+    chunks = [(torch.randn(3, 40, generator=g).bfloat16(), torch.randn(40, 2, generator=g).bfloat16())
+              for _ in range(64)]
+    acc = torch.full((3, 2), 256.0)  # large accumulator: bf16 running sums would lose the small products
+    for a, b in chunks:
+        _acc_mm(acc, a, b)
+    want = torch.full((3, 2), 256.0, dtype=torch.float64) + sum(torch.mm(a, b).double() for a, b in chunks)
+    torch.testing.assert_close(acc.double(), want, rtol=0, atol=1e-4)
+    running16 = torch.full((3, 2), 256.0, dtype=torch.bfloat16)
+    for a, b in chunks:
+        running16 += torch.mm(a, b)
+    assert (running16.double() - want).abs().max() > 1e-2  # what the fp32 accumulator avoids
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_linear_logprobs(temperature):
     d = linear_case(seed=91)
@@ -586,3 +609,25 @@ def test_accepts_loss_module_and_preset_name():
     assert_outputs_close(out_name, ref)
     with pytest.raises(ValueError, match="preset"):
         logits_surrogate_loss("nope", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])
+
+
+def test_kernel_benchmark_smoke(capsys):
+    """benchmarks/bench_kernels.py runs every entry on tiny CPU shapes (interpreter), and every
+    entry that computes the benchmark's loss (ours, TRL's head, Liger's when installed) agrees
+    with the fp32 reference: the GPU run compares the same math and its argument orders are right."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke-cpu", "--no-compile"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    checked = [line for line in table if line.split("|")[-3].strip() not in ("-", "---", "loss err")]
+    names = [line.split("|")[2] for line in checked]
+    for want in ("ours logits_surrogate_loss", "ours linear_surrogate_loss", "TRL 1.16 ChunkedLogProbFunction"):
+        assert any(want in n for n in names), names
+    if importlib.util.find_spec("liger_kernel") is not None:
+        assert sum("Liger" in n for n in names) == 3, names
+    assert all(line.rstrip().endswith("| ok |") for line in checked), "\n".join(checked)
