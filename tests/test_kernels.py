@@ -26,6 +26,21 @@ from grpo_fix.kernels import (
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 BETA_PRESETS = ("grpo_r1", "dapo", "uniform", "gspo")  # beta > 0 + ref_logp for these
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="needs CUDA and compiled (not interpreted) Triton kernels",
+)
+# the oracle tests run on CPU under the interpreter, and on CUDA with the compiled kernels
+# (`TRITON_INTERPRET=0 pytest tests/test_kernels.py -k cuda` on a GPU machine)
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                                 reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=cuda),
+]
+
+
+def to_device(d: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------- data and oracle
@@ -99,11 +114,12 @@ def run_logits_pair(cfg, d, *, temperature=1.0, inplace=True, use_ref=False, dty
 # ----------------------------------------------------------------------------- selective log-prob
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_selective_logprob_forward_backward(temperature):
-    d = make_batch(B=4, T=5, V=1000, G=2)
+def test_selective_logprob_forward_backward(temperature, device):
+    d = to_device(make_batch(B=4, T=5, V=1000, G=2), device)
     z0, ids, mask = d["logits"], d["ids"], d["mask"]
-    w = torch.randn(4, 5)
+    w = torch.randn(4, 5).to(device)
     zr = z0.clone().requires_grad_(True)
     ref = oracle_logp(zr, ids, temperature) * mask
     (ref * w).sum().backward()
@@ -130,16 +146,17 @@ def test_inplace_writes_into_logits_buffer():
     assert captured["g"].data_ptr() == z.data_ptr(), "in-place backward must reuse the logits storage"
 
 
-def test_backward_skips_rows_with_zero_upstream_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_skips_rows_with_zero_upstream_gradient(device):
     """Rows whose dL/dlogp is exactly 0 (clipped, zero advantage) are written as zeros without
     reading the logits: poisoning those rows with NaN after the forward changes nothing, and the
     other rows still equal the oracle."""
     from grpo_fix.kernels.logprob import logprob_backward, logprob_forward
 
-    d = make_batch(B=3, T=4, V=300, G=3)
+    d = to_device(make_batch(B=3, T=4, V=300, G=3), device)
     z, ids, mask = d["logits"], d["ids"], d["mask"]
     _, lse = logprob_forward(z, ids, mask)
-    w = torch.randn(3, 4)
+    w = torch.randn(3, 4).to(device)
     w[0, 1] = w[2, :] = 0.0
     poisoned = z.clone()
     poisoned[0, 1] = poisoned[2] = float("nan")  # a real read would turn these rows into NaN
@@ -239,10 +256,11 @@ def test_import_without_triton():
 # ----------------------------------------------------------------------------- logits path
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_logits_loss_every_preset(name):
+def test_logits_loss_every_preset(name, device):
     beta = 0.05 if name in BETA_PRESETS else 0.0
-    d = make_batch(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002)
+    d = to_device(make_batch(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002), device)
     cfg = cfg_for(name, beta)
     out, ref, g, g_ref = run_logits_pair(cfg, d, temperature=0.9, use_ref=beta > 0)
     assert_outputs_close(out, ref)
@@ -351,10 +369,11 @@ def check_linear_grads(got, want, tol=TOL):
         torch.testing.assert_close(a.grad.float(), b.grad, **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_linear_loss_every_preset(name):
+def test_linear_loss_every_preset(name, device):
     beta = 0.05 if name in BETA_PRESETS else 0.0
-    d = linear_case(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002)
+    d = to_device(linear_case(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002), device)
     cfg = cfg_for(name, beta)
     for chunk in (5, 64):  # 5 does not divide the valid-token count; gspo: 1 row per chunk when < T
         out, ref, got, want = run_linear_pair(cfg, d, chunk_tokens=chunk, temperature=0.8, use_ref=beta > 0)
@@ -362,10 +381,11 @@ def test_linear_loss_every_preset(name):
         check_linear_grads(got, want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gspo", "gcpo"])
-def test_linear_loss_row_chunks(name):
+def test_linear_loss_row_chunks(name, device):
     """Sequence ratios chunk over whole rows: 1, 2 and 4 rows per chunk (4 does not divide 6)."""
-    d = linear_case(seed=31, spread=0.002 if name == "gspo" else 0.05)
+    d = to_device(linear_case(seed=31, spread=0.002 if name == "gspo" else 0.05), device)
     T = d["ids"].shape[1]
     for chunk in (1, 2 * T, 4 * T + 3):
         out, ref, got, want = run_linear_pair(PRESETS[name], d, chunk_tokens=chunk)
@@ -466,10 +486,6 @@ def test_linear_logprobs(temperature):
 # ----------------------------------------------------------------------------- GPU only
 
 
-cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-    reason="needs CUDA and compiled (not interpreted) Triton kernels",
-)
 
 
 def _cos(a, b):
@@ -552,9 +568,10 @@ def packed_oracle(cfg, d, z, use_ref):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,beta", [("uniform", 0.0), ("grpo", 0.05), ("gspo", 0.0)])
-def test_packed_logits_and_linear(name, beta):
-    d = packed_case(seed=sum(map(ord, name)))
+def test_packed_logits_and_linear(name, beta, device):
+    d = to_device(packed_case(seed=sum(map(ord, name))), device)
     cfg = cfg_for(name, beta)
     if name == "gspo":
         cfg = cfg.replace(eps_low=0.05, eps_high=0.05)
