@@ -646,5 +646,5 @@ def test_kernel_benchmark_smoke(capsys):
     for want in ("ours logits_surrogate_loss", "ours linear_surrogate_loss", "TRL 1.16 ChunkedLogProbFunction"):
         assert any(want in n for n in names), names
     if importlib.util.find_spec("liger_kernel") is not None:
-        assert sum("Liger" in n for n in names) == 3, names
+        assert sum("Liger" in n for n in names) == 4, names  # 2 logits path, 2 logits-free
     assert all(line.rstrip().endswith("| ok |") for line in checked), "\n".join(checked)
