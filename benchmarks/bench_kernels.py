@@ -73,6 +73,16 @@ def trl_eager_loss(logits, ids, old_logp, advantages, mask):
     return dapo_loss_from_logp(logp, old_logp, advantages, mask)
 
 
+def dapo_math_outputs(logp, old_logp, advantages, mask):
+    """grpo-fix's DAPO surrogate on given log-probs with everything it returns (loss, every signal
+    tensor, every metric), so a compiled version does the same work as the eager one."""
+    from grpo_fix import PRESETS, surrogate_loss
+    from grpo_fix.signal import TENSOR_FIELDS
+
+    out = surrogate_loss(PRESETS["dapo"], logp, old_logp, advantages, mask, group_size=None)
+    return (out.loss, *(getattr(out.signal, f) for f in TENSOR_FIELDS), *out.metrics.values())
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -180,7 +190,7 @@ def check_losses(rows, section, shape, ref, rtol=2e-2):
 
 def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
     from grpo_fix import PRESETS
-    from grpo_fix.kernels import logits_surrogate_loss, selective_logprob_nograd
+    from grpo_fix.kernels import logits_surrogate_loss, selective_logprob, selective_logprob_nograd
 
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -188,6 +198,7 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
         triton_grpo_loss = None
 
     compiled_loss = torch.compile(trl_eager_loss, dynamic=False) if compile_ok else None
+    compiled_math = torch.compile(dapo_math_outputs, fullgraph=True, dynamic=False) if compile_ok else None
     for B, T, V in shapes:
         shape = f"B={B} T={T} V={V}"
         gib = B * (T + 1) * V * 2 / 2**30
@@ -241,6 +252,10 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
         entry("ours logits_surrogate_loss (dapo, inplace)" + tag,
               lambda: step(lambda: logits_surrogate_loss(
                   PRESETS["dapo"], logits, ids, near, adv, mask, group_size=None, inplace_backward=True).loss))
+        if compiled_math:  # the GRPO math (loss, signal, metrics) compiled, the kernel eager: launch overhead
+            entry("ours, GRPO math under torch.compile" + tag,
+                  lambda: step(lambda: compiled_math(selective_logprob(logits, ids, mask, inplace=True), near, adv,
+                                                     mask)[0]))
         check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, near, adv, mask))
         # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
         entry("ours, uniform preset (prefix-consistent, G=8)",
