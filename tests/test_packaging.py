@@ -1,5 +1,5 @@
 """The built wheel (what ``pip install .`` or a package index installs, unlike the editable
-install the tests run against) holds every package of the source tree and the console script."""
+install the tests run against) holds every package of the source tree, the console script and the verl plugin entry point."""
 
 from __future__ import annotations
 
@@ -45,3 +45,5 @@ def test_wheel_contains_every_source_module_and_the_cli(tmp_path):
     missing = _source_modules() - names
     assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {sorted(missing)}"
     assert "grpo-fix = grpo_fix.cli:main" in entry_points
+    # verl imports this group's modules on `import verl`: the "grpo_fix" policy loss registers itself
+    assert "[verl.plugins]" in entry_points and "grpo_fix = grpo_fix.integration.verl" in entry_points
