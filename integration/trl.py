@@ -401,7 +401,11 @@ class GRPOFixTrainer(GRPOTrainer):
         path = None if checkpoint is None else os.path.join(checkpoint, _buffer_file(self.accelerator.process_index))
         if path is None or not os.path.exists(path):
             return
-        state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+        # load on CPU, then move: under multi-process CPU training accelerate's device is "cpu:<i>",
+        # which torch.load's map_location does not accept
+        from accelerate.utils import send_to_device
+
+        state = send_to_device(torch.load(path, map_location="cpu", weights_only=False), self.accelerator.device)
         self._step = state["step"]
         self._gf_whole_groups = state["whole_groups"]
         self._buffered_inputs = state["buffered_inputs"]

@@ -303,6 +303,39 @@ def test_trl_resume_mid_generation_buffer_is_exact(tmp_path, tok):
     assert gb == ga
 
 
+def _torchrun_resume_worker(run_dir, out, resume=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(HERE, "dist", "trl_resume_worker.py"), str(run_dir), str(out)] + ([str(resume)] if resume else [])
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
+
+
+@pytest.mark.distributed
+def test_trl_resume_two_ranks_mid_buffer_is_exact(tmp_path):
+    """2 DDP ranks (gloo), checkpoint between two generations: each rank saves and restores its
+    own generation buffer and micro-step counter, so the resumed run ends where the uninterrupted
+    one ends (parameters, controller state, buffers), on both ranks."""
+    full = _torchrun_resume_worker(tmp_path / "a", tmp_path / "full.json")
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert (ckpt / "grpo_fix_generation_buffer_rank0.pt").exists()
+    assert (ckpt / "grpo_fix_generation_buffer_rank1.pt").exists()
+    resumed = _torchrun_resume_worker(tmp_path / "b", tmp_path / "resumed.json", resume=ckpt)
+    assert full[0]["buffer_ids"] != full[1]["buffer_ids"]  # the ranks' buffers differ: both must be saved
+    for a, b in zip(full, resumed):
+        assert a["world"] == b["world"] == 2
+        assert a["global_step"] == b["global_step"] == 6
+        assert a["micro_step"] == b["micro_step"] == 12
+        assert b["buffer_ids"] == a["buffer_ids"]
+        assert b["ca_alpha"] == a["ca_alpha"] and b["ca_kappa"] == a["ca_kappa"]
+        assert b["adam_steps"] == a["adam_steps"] == [6.0]
+        torch.testing.assert_close(torch.tensor(b["params"]), torch.tensor(a["params"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(full[1]["params"]), torch.tensor(full[0]["params"]), atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # DeepSpeed save_checkpoint / load_checkpoint round trip (subprocess, CPU, gloo)
 # ------------------------------------------------------------------------------------------------
