@@ -30,22 +30,35 @@ for every ``step()`` call until the next ``observe``.
    Prop. 3 is exactly zero (the mechanism of Eq. 29 is removed, not damped); a partly clipped
    window scales the residual by ``kappa``.  ``v`` is untouched.
 2. **trust-region controller** (free, on by default): a step multiplier ``alpha`` in (0, 1]
-   updated once per window at ``observe``: if ``f > tau`` (default 0.02): ``alpha *= shrink``
-   (0.5), else ``alpha = min(1, grow * alpha)`` (1.25).  ``alpha`` is **carried across rollout
-   boundaries** and the momentum is **not** shrunk with it (both are options:
-   ``reset_on_rollout=True`` resets alpha to 1 when the window starts a rollout batch, as
-   DESIGN section 2 first specified; ``shrink_momentum=True`` also scales the momentum by
-   ``shrink``, applied lazily per tensor at its next step).  Why, measured on the toy task
-   (``grpo-fix experiment overshoot``, lr 3e-3, mu = 4, 3 seeds; AdamW: overshoot fraction 0.179,
-   per-step max excess 0.534, final reward 0.995): reset + momentum shrink 0.065 / 0.108 / 0.933;
-   carried alpha + momentum shrink 0.037 / 0.061 / 0.936; carried alpha, momentum kept (the
-   default) 0.046 / 0.069 / 0.975.  Resetting makes the first steps of every batch overshoot at
-   full size (the drift starts with the first step, not only after clipping), and shrinking the
-   momentum throws away the cross-rollout direction that learning needs.  At lr 1e-3 (AdamW
-   overshoot 0.030, reward 0.987) the default gives 0.0165 with reward 0.954, the old rule 0.0163
-   with 0.909.  The Adam step uses ``lr * alpha``;
-   ``group["lr"]`` is never modified (LR schedulers keep working) and ``alpha`` is stored in
-   the param groups (``group["ca_alpha"]``), hence in the state dict.
+   updated once per window at ``observe``: if ``f > tau`` (default 0.05): ``alpha *= shrink``
+   (0.5), else ``alpha = min(1, grow * alpha)`` (1.25).  Optional **warm start**: before the
+   first observed window alpha is ``alpha_init`` (default 1.0; 0.1 then grows by ``grow`` per
+   window without overshoot, about ten windows to 1), because the largest excursion of an
+   off-policy run is its very first replay, caused by a step taken before anything was measured
+   (Adam's first steps are sign-like, a full ``lr`` per coordinate).  It is not the default
+   because on-policy training (one step per rollout batch) gains nothing from it and loses ten
+   windows of step size (toy task, mu = 1: reward 0.75 instead of 0.94 after 25 rollouts); the
+   TRL integration turns it on when the configuration replays rollouts (``num_iterations > 1``
+   or ``steps_per_generation > gradient_accumulation_steps``).  Without ``observe`` alpha stays 1.
+   ``alpha`` is **carried across rollout boundaries** and the momentum is **not** shrunk with it
+   (both are options: ``reset_on_rollout=True`` resets alpha to 1 when the window starts a
+   rollout batch, as DESIGN section 2 first specified; ``shrink_momentum=True`` also scales the
+   momentum by ``shrink``, applied lazily per tensor at its next step).  Why, measured on the toy
+   task (``grpo-fix experiment overshoot``, lr 3e-3, mu = 4; AdamW: overshoot fraction 0.179,
+   per-step max excess 0.534, final reward 0.995, 3 seeds): reset + momentum shrink 0.065 / 0.108
+   / 0.933; carried alpha + momentum shrink 0.037 / 0.061 / 0.936; carried alpha, momentum kept
+   0.046 / 0.069 / 0.975.  Resetting makes the first steps of every batch overshoot at full size
+   (the drift starts with the first step, not only after clipping), and shrinking the momentum
+   throws away the cross-rollout direction that learning needs.  Then tau and the warm start, 8
+   seeds, from (tau 0.02, alpha 1 from the start): tau 0.05 at mu = 4: overshoot 0.044 -> 0.048,
+   reward 0.970 -> 0.990 (AdamW 0.178 / 0.994; the reward gap was ~2 seed sds: tau 0.02 held a
+   tighter region than the reward needs); tau 0.05 + alpha_init 0.1: overshoot 0.040, run-wide
+   max excess 0.72 -> 0.38, reward 0.989; mu = 2: overshoot 0.025 -> 0.013, max excess 0.72 ->
+   0.10; mu = 8: 0.042 -> 0.045, 0.72 -> 0.30, reward 0.842 -> 0.890; lr 1e-3, mu = 4: 0.015 ->
+   0.013, 0.36 -> 0.22, reward 0.951 -> 0.965.  The warm start removes most of the first
+   excursion.  The Adam step uses ``lr * alpha``; ``group["lr"]`` is never modified (LR
+   schedulers keep working) and ``alpha`` is stored in the param groups (``group["ca_alpha"]``,
+   with the warm-start flag ``ca_started``), hence in the state dict.
    **Weight decay is NOT scaled by alpha**: the decoupled decay stays ``lr * wd`` per step.
    Our choice: alpha is a trust-region control of the *data* step (the part that moves the
    ratios); weight decay is a regulariser whose strength should follow the LR schedule alone,
@@ -130,9 +143,10 @@ from .signal import TrustRegionSignal
 
 __all__ = ["ClipAwareAdamW"]
 
-_GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False, "ca_skipped": 0}
+_GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False, "ca_skipped": 0,
+                   "ca_started": False}
 _ATTR_DEFAULTS: dict[str, Any] = {
-    "gate": True, "controller": True, "tau": 0.02, "backtrack": False, "shrink": 0.5, "grow": 1.25,
+    "gate": True, "controller": True, "tau": 0.05, "alpha_init": 1.0, "backtrack": False, "shrink": 0.5, "grow": 1.25,
     "reset_on_rollout": False, "shrink_momentum": False,
     "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto",
     "last_stats": {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0},
@@ -148,7 +162,10 @@ class ClipAwareAdamW(torch.optim.AdamW):
     ``differentiable=True`` are rejected):
         gate: scale the carried momentum by the signal's ``kappa`` (default True).
         controller: trust-region step multiplier ``alpha`` (default True).
-        tau: overshoot-fraction threshold of the controller and backtrack (default 0.02).
+        tau: overshoot-fraction threshold of the controller and backtrack (default 0.05).
+        alpha_init: the controller's ``alpha`` before the first observed window (default 1.0;
+            0.1 warm-starts, recommended when every rollout batch gets several optimizer steps).
+            Without ``observe`` alpha stays 1.
         backtrack: pull steps back with :meth:`set_backtrack_fn`'s re-measure (default False).
         shrink, grow: controller factors (0.5, 1.25).
         reset_on_rollout: reset ``alpha`` to 1 at every rollout boundary (default False: alpha is
@@ -186,7 +203,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
         fused: bool | None = None,
         gate: bool = True,
         controller: bool = True,
-        tau: float = 0.02,
+        tau: float = 0.05,
+        alpha_init: float = 1.0,
         backtrack: bool = False,
         shrink: float = 0.5,
         grow: float = 1.25,
@@ -211,6 +229,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
             raise ValueError(f"grow must be >= 1, got {grow}")
         if not tau >= 0.0:
             raise ValueError(f"tau must be >= 0, got {tau}")
+        if not 0.0 < alpha_init <= 1.0:
+            raise ValueError(f"alpha_init must be in (0, 1], got {alpha_init}")
         if max_backtracks < 0:
             raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
         super().__init__(
@@ -220,6 +240,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         self.gate = bool(gate)
         self.controller = bool(controller)
         self.tau = float(tau)
+        self.alpha_init = float(alpha_init)
         self.backtrack = bool(backtrack)
         self.shrink = float(shrink)
         self.grow = float(grow)
@@ -256,6 +277,9 @@ class ClipAwareAdamW(torch.optim.AdamW):
                 setattr(self, k, copy.deepcopy(v))
         self._step_supports_amp_scaling = False
         for group in self.param_groups:
+            # a checkpoint of an earlier ClipAwareAdamW (alpha but no start flag) has started;
+            # a plain AdamW one has not, and warm-starts at its first observed window
+            group.setdefault("ca_started", "ca_alpha" in group)
             for k, v in _GROUP_DEFAULTS.items():
                 group.setdefault(k, v)
 
@@ -296,7 +320,13 @@ class ClipAwareAdamW(torch.optim.AdamW):
             group["ca_kappa"] = kappa
             group["ca_f"] = f
             if self.controller:
-                a = 1.0 if signal.rollout_start and self.reset_on_rollout else float(group["ca_alpha"])
+                if signal.rollout_start and self.reset_on_rollout:
+                    a = 1.0
+                elif not group["ca_started"]:
+                    a = self.alpha_init
+                else:
+                    a = float(group["ca_alpha"])
+                group["ca_started"] = True
                 if f > self.tau:
                     a *= self.shrink
                     shrunk = True

@@ -166,8 +166,10 @@ class GRPOFixConfig(GRPOConfig):
             group-constant weighting (``uniform``, ``dapo``, ``bnpo``, ``dr_grpo``); for the other
             loss types the default ``True`` is switched off with a warning.
         optimizer: ``"clip_aware_adamw"`` (default) or ``"adamw"`` (TRL's ``args.optim``).
-        clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_backtrack: the
-            :class:`grpo_fix.clip_aware_adamw.ClipAwareAdamW` mechanisms.
+        clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_alpha_init,
+            clip_aware_backtrack: the :class:`grpo_fix.clip_aware_adamw.ClipAwareAdamW` mechanisms
+            (``gate``, ``controller``, ``tau``, ``alpha_init``, ``backtrack``; same defaults, except
+            that ``clip_aware_alpha_init=None`` warm-starts at 0.1 when rollouts are replayed).
         loss_kernel: ``"auto"`` (default: grpo_fix's logits-free Triton loss when the model is on
             CUDA, else TRL's fused log-probs + the torch loss), ``"linear"`` or ``"torch"``.
     """
@@ -183,7 +185,13 @@ class GRPOFixConfig(GRPOConfig):
     optimizer: str = field(default="clip_aware_adamw", metadata={"help": f"One of {OPTIMIZERS}."})
     clip_aware_gate: bool = field(default=True, metadata={"help": "Scale carried momentum by kappa."})
     clip_aware_controller: bool = field(default=True, metadata={"help": "Trust-region step multiplier alpha."})
-    clip_aware_tau: float = field(default=0.02, metadata={"help": "Overshoot-fraction threshold."})
+    clip_aware_tau: float = field(default=0.05, metadata={"help": "Overshoot-fraction threshold."})
+    clip_aware_alpha_init: float | None = field(
+        default=None,
+        metadata={"help": "The controller's alpha before the first window; None: 0.1 (warm start) when rollouts "
+                  "are replayed (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), "
+                  "else 1.0."},
+    )
     clip_aware_backtrack: bool = field(
         default=False, metadata={"help": "Backtrack steps past the trust region (one extra no-grad forward)."}
     )
@@ -327,8 +335,18 @@ class GRPOFixTrainer(GRPOTrainer):
             gate=a.clip_aware_gate,
             controller=a.clip_aware_controller,
             tau=a.clip_aware_tau,
+            alpha_init=self._clip_aware_alpha_init(),
             backtrack=a.clip_aware_backtrack,
         )
+
+    def _clip_aware_alpha_init(self) -> float:
+        """``clip_aware_alpha_init``, or for None: 0.1 when a rollout batch is optimised by more
+        than one window (off-policy replays: the warm start removes their first excursion), else 1."""
+        a = self.args
+        if a.clip_aware_alpha_init is not None:
+            return float(a.clip_aware_alpha_init)
+        replays = a.num_iterations > 1 or (a.steps_per_generation or 0) > a.gradient_accumulation_steps
+        return 0.1 if replays else 1.0
 
     def create_optimizer(self, model=None):
         """ClipAwareAdamW with HF's decay / no-decay groups (``optimizer="clip_aware_adamw"``).

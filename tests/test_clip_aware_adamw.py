@@ -172,17 +172,20 @@ def test_controller_alpha_sequence_and_reset():
 
 
 def test_controller_default_carries_alpha_across_rollouts_and_keeps_momentum():
-    """Defaults (measured in benchmarks/results/overshoot_*): alpha is not reset at a rollout
-    boundary, and shrinking alpha leaves the momentum alone."""
+    """Defaults (measured in benchmarks/results/overshoot_*): tau = 0.05, no warm start, alpha is
+    not reset at a rollout boundary, and shrinking alpha leaves the momentum alone."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4))
     opt = ClipAwareAdamW([p], lr=1e-2, gate=False)
+    assert (opt.tau, opt.alpha_init) == (0.05, 1.0)
     seq = []
-    for s in [sig(overshoot=5), sig(overshoot=5), sig(rollout_start=True), sig(overshoot=9, rollout_start=True)]:
+    for s in [sig(overshoot=10), sig(overshoot=5), sig(overshoot=6), sig(rollout_start=True),
+              sig(overshoot=9, rollout_start=True)]:
         opt.observe(s)
         seq.append(opt.alpha)
     g = opt.grow
-    assert seq == pytest.approx([0.5, 0.25, 0.25 * g, 0.125 * g], rel=1e-12)
+    # shrink; f == tau is not above tau -> grow; shrink; grow (no reset); shrink
+    assert seq == pytest.approx([0.5, 0.5 * g, 0.25 * g, 0.25 * g * g, 0.125 * g * g], rel=1e-12)
     p.grad = torch.randn(4)
     opt.step()
     m1 = opt.state[p]["exp_avg"].clone()
@@ -191,6 +194,43 @@ def test_controller_default_carries_alpha_across_rollouts_and_keeps_momentum():
     p.grad = g2.clone()
     opt.step()
     assert torch.allclose(opt.state[p]["exp_avg"], 0.9 * m1 + 0.1 * g2, rtol=1e-6)
+
+
+def test_warm_start_ramps_alpha_and_then_equals_adamw_steps():
+    """With nothing clipped alpha grows from alpha_init by `grow` per window up to 1; the step
+    of a window is lr * alpha (first Adam step: exactly lr * alpha * sign(g))."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ClipAwareAdamW([p], lr=1.0, weight_decay=0.0, eps=1e-30, alpha_init=0.1)
+    alphas = []
+    for i in range(12):
+        opt.observe(sig())
+        alphas.append(opt.alpha)
+        if i == 0:
+            p.grad = torch.tensor([1.0, -2.0, 3.0])
+            opt.step()
+            torch.testing.assert_close(p.detach(), -0.125 * torch.tensor([1.0, -1.0, 1.0]))
+    assert alphas == pytest.approx([min(1.0, 0.1 * 1.25 ** (k + 1)) for k in range(12)], rel=1e-12)
+    assert alphas[-1] == 1.0 and alphas[9] < 1.0  # ten windows to full step
+
+
+def test_warm_start_state_of_older_and_plain_adamw_checkpoints():
+    """A checkpoint of a ClipAwareAdamW saved before the warm start existed (alpha, no start
+    flag) continues from its alpha; a plain AdamW checkpoint warm-starts at its first window."""
+    p = torch.nn.Parameter(torch.randn(4))
+    old = ClipAwareAdamW([p])
+    old.observe(sig(overshoot=40))  # alpha 0.5
+    sd = old.state_dict()
+    for g in sd["param_groups"]:
+        del g["ca_started"]
+    resumed = ClipAwareAdamW([torch.nn.Parameter(p.detach().clone())], alpha_init=0.1)
+    resumed.load_state_dict(sd)
+    resumed.observe(sig())
+    assert resumed.alpha == pytest.approx(0.5 * 1.25)
+    plain = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())])
+    switched = ClipAwareAdamW([torch.nn.Parameter(p.detach().clone())], alpha_init=0.1)
+    switched.load_state_dict(plain.state_dict())
+    switched.observe(sig())
+    assert switched.alpha == pytest.approx(0.1 * 1.25)
 
 
 def test_controller_scales_step_not_lr_or_weight_decay_and_follows_scheduler():

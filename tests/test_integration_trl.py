@@ -41,7 +41,9 @@ from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTr
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-BASE = dict(TRAINER_BASE, use_cpu=True)
+# the controller's pre-warm-start settings: these 3-step runs must clip and shrink alpha to test
+# the plumbing (the default warm start, alpha_init=0.1, would keep 3 steps inside the clip region)
+BASE = dict(TRAINER_BASE, use_cpu=True, clip_aware_tau=0.02, clip_aware_alpha_init=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,18 @@ def test_plain_grpo_config_refused(tmp_path, tok):
     with pytest.raises(TypeError, match="GRPOFixConfig"):
         GRPOFixTrainer(model=build_model(tok), reward_funcs=reward_len, args=plain,
                        train_dataset=build_dataset(), processing_class=tok)
+
+
+@pytest.mark.parametrize("kw,alpha_init", [
+    (dict(), 1.0),                                                       # on-policy: no warm start
+    (dict(num_iterations=2), 0.1),                                       # replays: warm start
+    (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
+    (dict(num_iterations=2, clip_aware_alpha_init=0.5), 0.5),            # explicit value wins
+])
+def test_warm_start_follows_the_replay_configuration(tmp_path, tok, kw, alpha_init):
+    trainer = make_trainer(tmp_path, tok, **{"clip_aware_alpha_init": None, "clip_aware_tau": 0.05, **kw})
+    opt = trainer.create_optimizer()
+    assert (opt.alpha_init, opt.tau) == (alpha_init, 0.05)
 
 
 def test_plain_adamw_option(tmp_path, tok):

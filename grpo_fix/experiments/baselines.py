@@ -6,6 +6,10 @@ Prior-art baselines (see DESIGN section 2):
 - ``beta1_zero``: AdamW without momentum (beta1 = 0), the bluntest way to remove Prop. 3's carry.
 - ``cautious``: C-AdamW (Liang et al. 2024): update coordinates whose sign disagrees with the
   current gradient are dropped and the rest rescaled by 1/mean(mask).
+
+ClipAwareAdamW: ``clip_aware_gate`` (gate only), ``clip_aware`` (the defaults), ``clip_aware_warm``
+(the defaults + the warm start ``alpha_init=0.1``, what the TRL integration uses when rollouts are
+replayed), ``clip_aware_backtrack`` and ``clip_aware_tau02`` (the earlier default threshold).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ OPTIMIZERS = (
     "cautious",
     "clip_aware_gate",
     "clip_aware",
+    "clip_aware_warm",
     "clip_aware_backtrack",
+    "clip_aware_tau02",
 )
 
 
@@ -66,7 +72,9 @@ def make_optimizer(name: str, params, *, lr: float, betas=(0.9, 0.95), eps: floa
         variant = {
             "clip_aware_gate": dict(gate=True, controller=False),
             "clip_aware": {},
+            "clip_aware_warm": dict(alpha_init=0.1),
             "clip_aware_backtrack": dict(backtrack=True),
+            "clip_aware_tau02": dict(tau=0.02),  # the controller's earlier default threshold
         }[name]
         return ClipAwareAdamW(params, **kw, **variant)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")

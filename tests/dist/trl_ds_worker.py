@@ -86,7 +86,8 @@ def main() -> None:
         "bf16": {"enabled": False},
     }
     args = GRPOFixConfig(
-        output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel, **TRAINER_BASE
+        output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel,
+        clip_aware_tau=0.02, clip_aware_alpha_init=1.0, **TRAINER_BASE,
     )
     trainer = GRPOFixTrainer(
         model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
