@@ -188,7 +188,7 @@ def check_losses(rows, section, shape, ref, rtol=2e-2):
 # ----------------------------------------------------------------------------- logits path
 
 
-def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
+def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: None):
     from grpo_fix import PRESETS
     from grpo_fix.kernels import logits_surrogate_loss, selective_logprob, selective_logprob_nograd
 
@@ -263,6 +263,7 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok):
                   PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True).loss),
               note="includes prefix classes and W_agg; another loss, not compared")
         del logits, logits0, ids, mask, old, near, adv
+        save()
 
 
 SWEEP_SHAPE = (8, 2048, 151936)
@@ -270,7 +271,7 @@ SWEEP_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8,
 SMOKE_SWEEP = ((2, 8, 512), [(1024, 4), (4096, 8)])
 
 
-def bench_block_sweep(rows, device, iters, warmup, shape, configs):
+def bench_block_sweep(rows, device, iters, warmup, shape, configs, save=lambda: None):
     """Time our forward and backward log-prob kernels alone over (BLOCK_V, num_warps) at one
     logits shape (bf16, 20 % masked, every unmasked row with a nonzero upstream gradient): the
     data for choosing ``grpo_fix.kernels.logprob``'s launch heuristic.  Configurations with fewer
@@ -303,6 +304,7 @@ def bench_block_sweep(rows, device, iters, warmup, shape, configs):
             state["lse"] = lp.logprob_forward(logits, ids, mask)[1]
             run_entry(rows, "sweep", label, f"fwd {tag}", lambda: fwd, device, iters, warmup)
             run_entry(rows, "sweep", label, f"bwd {tag}", lambda: bwd, device, iters, warmup)
+            save()
     finally:
         lp._block_v, lp._num_warps = orig
     del logits, state
@@ -311,7 +313,7 @@ def bench_block_sweep(rows, device, iters, warmup, shape, configs):
 # ----------------------------------------------------------------------------- logits-free path
 
 
-def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters):
+def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, save=lambda: None):
     from grpo_fix import PRESETS
     from grpo_fix.kernels import linear_surrogate_loss, logits_surrogate_loss
 
@@ -401,6 +403,7 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters):
             ref = reference_loss(lambda b: hidden[b, :T] @ weight.t(), ids, old, adv, mask)
         check_losses(rows, "linear", shape, ref)
         del hidden, weight, ids, mask, old, adv
+        save()
 
 
 # ----------------------------------------------------------------------------- report
@@ -480,32 +483,38 @@ def main(argv=None):
         device = torch.device("cuda")
         logits_shapes, linear_shapes, iters, warmup = LOGITS_SHAPES, LINEAR_SHAPES, args.iters, args.warmup
 
-    rows: list[dict] = []
-    if args.only in (None, "logits"):
-        bench_logits(rows, device, iters, warmup, logits_shapes, compile_ok=not args.no_compile and not args.smoke_cpu)
-    if args.only in (None, "sweep"):
-        sweep_shape, configs = SMOKE_SWEEP if args.smoke_cpu else (SWEEP_SHAPE, SWEEP_CONFIGS)
-        bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs)
-    if args.only in (None, "linear"):
-        bench_linear(rows, device, iters, warmup, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1)
-
     meta = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
         torch=torch.__version__, triton=_version("triton"), liger=_version("liger-kernel"), trl=_version("trl"),
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), iters=iters, warmup=warmup,
         dw_accumulation=dw_accumulation(device),
     )
-    md = to_markdown(rows, meta)
-    print("\n" + md)
+    slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = RESULTS_DIR / f"kernels_{slug}_{stamp}{'_' + args.only if args.only else ''}"
+    rows: list[dict] = []
+
+    def save():  # after every shape, so a run cut short by a time limit keeps what it measured
+        if args.smoke_cpu:
+            return
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        base.with_suffix(".md").write_text(to_markdown(rows, meta) + "\n")
+
+    if args.only in (None, "logits"):
+        bench_logits(rows, device, iters, warmup, logits_shapes, not args.no_compile and not args.smoke_cpu, save)
+    if args.only in (None, "sweep"):
+        sweep_shape, configs = SMOKE_SWEEP if args.smoke_cpu else (SWEEP_SHAPE, SWEEP_CONFIGS)
+        bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs, save)
+    if args.only in (None, "linear"):
+        bench_linear(rows, device, iters, warmup, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1,
+                     save)
+
+    print("\n" + to_markdown(rows, meta))
     if args.smoke_cpu:
         bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("unavailable")]
         return 1 if bad else 0
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = RESULTS_DIR / f"kernels_{slug}_{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    base.with_suffix(".md").write_text(md + "\n")
+    save()
     print(f"wrote {base}.json and {base}.md")
     return 0
 
