@@ -1,0 +1,34 @@
+"""ClipAwareAdamW under FSDP2 (``fully_shard``: DTensor parameter shards), 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.distributed
+def test_fsdp2_shards_match_reference_and_skip_together(tmp_path):
+    out = tmp_path / "fsdp2.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(HERE, "dist", "fsdp2_clip_aware_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = json.loads(out.read_text())
+    for r in (r0, r1):
+        assert r["world"] == 2 and r["is_dtensor"]
+        assert r["max_diff"] <= 1e-6, r  # the sharded steps equal the full-model optimizer
+        assert r["stats"][-1] == pytest.approx(r["ref_final"], rel=1e-12)
+        assert r["moved_after_nan"] is False and r["skipped"] == 1  # NaN on rank 1's shard: both skip
+    assert r0["stats"] == r1["stats"]  # identical kappa and alpha on both ranks
+    assert r0["stats"][0][0] == pytest.approx(0.7) and r0["stats"][-1][1] < 1.0  # gate and controller active
