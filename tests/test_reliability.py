@@ -441,3 +441,42 @@ def test_deepspeed_universal_checkpoint_zero3_limitation(ds_universal):
     assert rec["alpha_loaded"] == rec["alpha_at_k"] and rec["alpha_loaded"][0] < 1.0, rec
     assert rec["weight_decay_loaded"] == [0.1, 0.1], rec
     assert 1e-5 < rec["param_diff"] < 1e-2, rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Universal checkpoint onto MORE ranks: saved by one process (replaying a 2-rank run), resumed on 2
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ds_universal_up(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    d = tmp_path_factory.mktemp("ds_universal_up")
+    ckpt, saved = d / "ckpt", d / "saved.json"
+    stages = ",".join(map(str, UNIVERSAL_STAGES[:2]))
+    run_worker([sys.executable, DS_WORKER, str(saved), str(ckpt), stages, "--as-world=2"], single_process_env(),
+               saved, d)
+    for stage in UNIVERSAL_STAGES[:2]:
+        tag = f"z{stage}_step2"
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+             "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
+             "--num_merge_workers", "1", "--inject_missing_state"],
+            env=ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = d / "resumed.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), DS_WORKER, str(out), str(ckpt), stages, str(saved)]
+    return _ds_run(cmd, ds_env(), out, d)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_universal_checkpoint_resume_on_more_ranks(ds_universal_up, stage):
+    """ZeRO-1/2: a checkpoint saved by 1 process resumes on 2 ranks (ds_to_universal +
+    load_universal) and the 2 ranks end where the saving run ends, controller state included."""
+    rec = ds_universal_up[stage]
+    assert (rec["saved_world"], rec["saved_as_world"], rec["world"]) == (1, 2, 2)
+    assert rec["alpha_loaded"] == rec["alpha_at_k"] and rec["alpha_loaded"][0] < 1.0, rec
+    assert rec["weight_decay_loaded"] == [0.1, 0.0], rec
+    assert rec["param_diff"] <= 1e-6, rec
+    assert rec["groups_b"] == rec["groups_a"], rec

@@ -1,6 +1,6 @@
 """Worker for tests/test_reliability.py: DeepSpeed save_checkpoint / load_checkpoint round trip with ClipAwareAdamW.
 
-Run as ``python reliability_ds_worker.py OUT.json CKPT_DIR STAGES [SAVED.json]`` with the torch.distributed env
+Run as ``python reliability_ds_worker.py OUT.json CKPT_DIR STAGES [SAVED.json | --as-world=W]`` with the torch.distributed env
 set (single process) or under ``torchrun``.  For each ZeRO stage (fp32, gradient clipping, the
 controller shrinking alpha on overshooting windows) it trains the tiny MLP of
 ds_clip_aware_worker.py for K + 3 steps, saving at step K (run A), then builds a FRESH engine
@@ -10,7 +10,9 @@ moments, both runs' ca_alpha / ca_kappa per group, and how far B's initial weigh
 
 With SAVED.json (the records of a saving run, possibly on another number of ranks) it instead
 loads ``z{stage}_step{K}_universal`` (``ds_to_universal`` of that run's checkpoint) with
-``checkpoint.load_universal`` and compares the last 3 steps with the saving run's end.
+``checkpoint.load_universal`` and compares the last 3 steps with the saving run's end.  With
+``--as-world=W`` (one process) the saving run replays a W-rank run, so its universal checkpoint
+can be resumed on W ranks and compared.
 """
 
 from __future__ import annotations
@@ -115,20 +117,23 @@ def maxdiff(xs, ys):
     return max(float((a - b.reshape(a.shape)).abs().max()) for a, b in zip(xs, ys))
 
 
-def run_stage(stage: int, ckpt: str, rank: int, world: int):
-    eng_a, model_a, opt_a = make_engine(stage, seed=0)
-    train(eng_a, opt_a, range(K), rank, world)
+def run_stage(stage: int, ckpt: str, rank: int, world: int, as_world=None):
+    """``as_world=W`` (one process): train as the replay of a W-rank run (see :func:`train`), so a
+    universal checkpoint of it can be resumed on W ranks."""
+    mb = MB * (as_world or 1)
+    eng_a, model_a, opt_a = make_engine(stage, seed=0, mb=mb)
+    train(eng_a, opt_a, range(K), rank, world, as_world)
     alpha_at_k = [float(g["ca_alpha"]) for g in opt_a.param_groups]
     eng_a.save_checkpoint(ckpt, tag=f"z{stage}_step{K}", client_state={"k": K})
-    train(eng_a, opt_a, range(K, STEPS), rank, world)
+    train(eng_a, opt_a, range(K, STEPS), rank, world, as_world)
     pa, ma, va, ga, sa = snapshot(eng_a, model_a, opt_a, stage)
 
-    eng_b, model_b, opt_b = make_engine(stage, seed=1)  # different weights: the load must overwrite them
+    eng_b, model_b, opt_b = make_engine(stage, seed=1, mb=mb)  # different weights: the load must overwrite them
     p0 = full_params(model_b, stage)
     path, client = eng_b.load_checkpoint(ckpt, tag=f"z{stage}_step{K}")
     assert path is not None and client.get("k") == K, (path, client)
     alpha_loaded = [float(g["ca_alpha"]) for g in opt_b.param_groups]
-    train(eng_b, opt_b, range(K, STEPS), rank, world)
+    train(eng_b, opt_b, range(K, STEPS), rank, world, as_world)
     pb, mb, vb, gb, sb = snapshot(eng_b, model_b, opt_b, stage)
     # every rank compares its own partition of the moments; the record holds the max over ranks
     diffs = torch.tensor([maxdiff(pa, pb), maxdiff(ma, mb), maxdiff(va, vb)], dtype=torch.float64)
@@ -136,6 +141,7 @@ def run_stage(stage: int, ckpt: str, rank: int, world: int):
     rec = {
         "stage": stage,
         "world": world,
+        "as_world": as_world,
         "param_diff": float(diffs[0]),
         "exp_avg_diff": float(diffs[1]),
         "exp_avg_sq_diff": float(diffs[2]),
@@ -156,8 +162,10 @@ def run_stage(stage: int, ckpt: str, rank: int, world: int):
 
 def resume_universal(stage: int, ckpt: str, ref: dict, rank: int, world: int):
     """Load ``z{stage}_step{K}_universal`` (ds_to_universal of a checkpoint saved on another number
-    of ranks) into a fresh engine, train the last 3 steps, compare with the saving run's end."""
-    saved = ref["world"]
+    of ranks) into a fresh engine, train the last 3 steps, compare with the saving run's end.
+    The saving run was W ranks, or one process replaying W ranks (``as_world``); the resume runs on
+    W ranks, or on one process replaying them."""
+    saved = ref.get("as_world") or ref["world"]
     as_world = saved if world == 1 and saved > 1 else None
     if world not in (1, saved):
         raise ValueError("resume_universal replays the saving run on one rank (or on as many ranks)")
@@ -178,6 +186,7 @@ def resume_universal(stage: int, ckpt: str, ref: dict, rank: int, world: int):
         "stage": stage,
         "world": world,
         "saved_world": ref["world"],
+        "saved_as_world": ref.get("as_world"),
         "param_diff": maxdiff(pa, pb),
         "alpha_at_k": ref["alpha_at_k"],
         "alpha_loaded": alpha_loaded,
@@ -191,12 +200,14 @@ def resume_universal(stage: int, ckpt: str, ref: dict, rank: int, world: int):
 
 def main():
     out, ckpt, stages = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
-    refs = None
-    if len(sys.argv) > 4:  # resume from universal checkpoints; argv[4] = the saving run's JSON
+    refs, as_world = None, None
+    if len(sys.argv) > 4 and sys.argv[4].startswith("--as-world="):  # one process replaying W ranks
+        as_world = int(sys.argv[4].split("=", 1)[1])
+    elif len(sys.argv) > 4:  # resume from universal checkpoints; argv[4] = the saving run's JSON
         with open(sys.argv[4]) as f:
             refs = {r["stage"]: r for r in json.load(f)}
     if refs is None:
-        run_all(stages, lambda stage, rank, world: run_stage(stage, ckpt, rank, world), out)
+        run_all(stages, lambda stage, rank, world: run_stage(stage, ckpt, rank, world, as_world), out)
     else:
         run_all(stages, lambda stage, rank, world: resume_universal(stage, ckpt, refs[stage], rank, world), out)
 
