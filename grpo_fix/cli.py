@@ -20,7 +20,8 @@ def _bench(argv: list[str]) -> int:
 
     if not torch.cuda.is_available():
         print("grpo-fix bench: no CUDA device found. The kernel and optimizer benchmarks measure GPU time and "
-              "memory; run them on a machine with an NVIDIA GPU (results go to benchmarks/results/).")
+              "memory; run them on a machine with an NVIDIA GPU (results go to benchmarks/results/). Without "
+              "one, `python benchmarks/kernel_static_report.py` shows what the Triton kernels compile to for sm_90.")
         return 0
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     if not root.is_dir():
