@@ -399,19 +399,24 @@ def test_deepspeed_checkpoint_round_trip_two_ranks(ds_two_ranks, stage):
 UNIVERSAL_STAGES = [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def ds_universal(ds_two_ranks):
-    d = ds_two_ranks["_dir"]
-    ckpt = d / "ckpt"
-    for stage in UNIVERSAL_STAGES:
+def _to_universal(ckpt, stages, cwd):
+    """``ds_to_universal`` of each stage's step-2 checkpoint under ``ckpt``."""
+    for stage in stages:
         tag = f"z{stage}_step2"
         proc = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
              "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
              "--num_merge_workers", "1", "--inject_missing_state"],
-            env=ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
+            env=ds_env(), cwd=cwd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def ds_universal(ds_two_ranks):
+    d = ds_two_ranks["_dir"]
+    ckpt = d / "ckpt"
+    _to_universal(ckpt, UNIVERSAL_STAGES, d)
     out = d / "universal.json"
     env = single_process_env()
     return _ds_run([sys.executable, DS_WORKER, str(out), str(ckpt), ",".join(map(str, UNIVERSAL_STAGES)),
@@ -454,15 +459,7 @@ def ds_universal_up(tmp_path_factory):
     stages = ",".join(map(str, UNIVERSAL_STAGES[:2]))
     run_worker([sys.executable, DS_WORKER, str(saved), str(ckpt), stages, "--as-world=2"], single_process_env(),
                saved, d)
-    for stage in UNIVERSAL_STAGES[:2]:
-        tag = f"z{stage}_step2"
-        proc = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
-             "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
-             "--num_merge_workers", "1", "--inject_missing_state"],
-            env=ds_env(), cwd=d, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    _to_universal(ckpt, UNIVERSAL_STAGES[:2], d)
     out = d / "resumed.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), DS_WORKER, str(out), str(ckpt), stages, str(saved)]
