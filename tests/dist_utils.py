@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command prefix of a ``torchrun`` launch of ``nproc`` local workers.  ``--standalone``
+    lets torchrun bind a free rendezvous port itself, which avoids the race between
+    :func:`free_port` returning a port and torchrun binding it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def ds_env(**extra) -> dict:

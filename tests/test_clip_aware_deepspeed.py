@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dist_utils import ds_env, free_port, run_worker, single_process_env
+from dist_utils import ds_env, run_worker, single_process_env, torchrun
 
 from grpo_fix.clip_aware_adamw import ClipAwareAdamW
 from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
@@ -37,8 +37,7 @@ def two_rank_results(tmp_path_factory):
     pytest.importorskip("deepspeed")
     d = tmp_path_factory.mktemp("ds2")
     out = d / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(WORKER), str(out), ",".join(TWO_RANK)]
+    cmd = torchrun(2) + [str(WORKER), str(out), ",".join(TWO_RANK)]
     return _run(cmd, ds_env(), out, d)
 
 

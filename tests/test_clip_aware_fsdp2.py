@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dist_utils import free_port
+from dist_utils import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,8 +20,7 @@ def test_fsdp2_shards_match_reference_and_skip_together(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(HERE, "dist", "fsdp2_clip_aware_worker.py"), str(out)]
+    cmd = torchrun(2) + [os.path.join(HERE, "dist", "fsdp2_clip_aware_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r0, r1 = json.loads(out.read_text())

@@ -24,7 +24,7 @@ pytest.importorskip("trl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import trl  # noqa: E402
-from dist_utils import free_port  # noqa: E402
+from dist_utils import free_port, torchrun  # noqa: E402
 from tiny_trl import (  # noqa: E402
     TRAINER_BASE,
     build_dataset,
@@ -431,8 +431,7 @@ def _run_ds_worker(tmp_path, stage, kernel="torch"):
     out = tmp_path / f"report_{stage}_{kernel}.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out), kernel]
+    cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_ds_worker.py"), str(stage), str(out), kernel]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -490,8 +489,7 @@ def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
     out = tmp_path / "ddp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out)]
+    cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(out.read_text())
@@ -507,19 +505,17 @@ def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
 EXAMPLES = os.path.join(REPO, "integration", "examples")
 
 
-def _run_example(args, timeout=240, torchrun=0):
+def _run_example(args, timeout=240, nproc=0):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env["MASTER_PORT"] = str(free_port())
-    pre = [sys.executable]
-    if torchrun:
-        pre += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", env["MASTER_PORT"]]
+    pre = torchrun(nproc) if nproc else [sys.executable]
     proc = subprocess.run(pre + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     # Known CPU/gloo quirk: now and then a DeepSpeed/gloo thread still joinable at interpreter exit
     # aborts a rank ("terminate called without an active exception") AFTER the script finished and
     # printed its results; the results are still checked by the caller.
-    exit_abort = torchrun and "terminate called without an active exception" in proc.stderr
+    exit_abort = nproc and "terminate called without an active exception" in proc.stderr
     assert proc.returncode == 0 or exit_abort, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -552,7 +548,7 @@ def test_example_deepspeed_loop_zero_0_to_3():
 @pytest.mark.distributed
 def test_example_deepspeed_loop_two_ranks():
     pytest.importorskip("deepspeed")
-    out = _run_example([os.path.join(EXAMPLES, "deepspeed_loop.py"), "--stage", "0", "3", "--quiet"], torchrun=2)
+    out = _run_example([os.path.join(EXAMPLES, "deepspeed_loop.py"), "--stage", "0", "3", "--quiet"], nproc=2)
     kappas = _stage_kappas(out)
     assert sorted(kappas) == [0, 3]
     assert min(kappas[0]) < 1.0

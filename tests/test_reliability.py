@@ -28,7 +28,7 @@ from grpo_fix.health import HealthMonitor, HealthMonitorCallback
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from dist_utils import ds_env, free_port, run_worker, single_process_env  # noqa: E402
+from dist_utils import ds_env, run_worker, single_process_env, torchrun  # noqa: E402
 
 NAN = float("nan")
 
@@ -307,8 +307,8 @@ def _torchrun_resume_worker(run_dir, out, resume=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(HERE, "dist", "trl_resume_worker.py"), str(run_dir), str(out)] + ([str(resume)] if resume else [])
+    cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_resume_worker.py"), str(run_dir), str(out)]
+    cmd += [str(resume)] if resume else []
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
@@ -365,8 +365,7 @@ def ds_two_ranks(tmp_path_factory):
     pytest.importorskip("deepspeed")
     d = tmp_path_factory.mktemp("ds_resume2")
     out = d / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), DS_WORKER, str(out), str(d / "ckpt"), ",".join(map(str, STAGES))]
+    cmd = torchrun(2) + [DS_WORKER, str(out), str(d / "ckpt"), ",".join(map(str, STAGES))]
     return _ds_run(cmd, ds_env(), out, d)
 
 
@@ -461,8 +460,7 @@ def ds_universal_up(tmp_path_factory):
                saved, d)
     _to_universal(ckpt, UNIVERSAL_STAGES[:2], d)
     out = d / "resumed.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), DS_WORKER, str(out), str(ckpt), stages, str(saved)]
+    cmd = torchrun(2) + [DS_WORKER, str(out), str(ckpt), stages, str(saved)]
     return _ds_run(cmd, ds_env(), out, d)
 
 

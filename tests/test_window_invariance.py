@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import free_port
+from dist_utils import torchrun
 from grpo_fix import GroupSurrogateLoss, group_advantages, prefix_consistent_advantages
 
 B, T, G = 8, 16, 4
@@ -85,8 +85,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     out = tmp_path / "rank_grad.pt"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(script), str(out)],
+        torchrun(2) + [str(script), str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
