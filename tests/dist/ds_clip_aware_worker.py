@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_trl
+
 STEPS = 5
 MB = 4  # micro-batch per rank
 CLIP = 1.0  # DeepSpeed's gradient_clipping (global norm, applied before our step)
@@ -217,8 +219,9 @@ def run_all(items, fn, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(records, f, indent=1)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from tiny_trl import exit_after_barrier
+
+    exit_after_barrier()  # not destroy_process_group + normal exit: gloo threads abort that now and then
 
 
 def main():

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
-import torch
-import torch.distributed as dist
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 def main() -> None:
@@ -70,8 +74,9 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(reports, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    from tiny_trl import exit_after_barrier
+
+    exit_after_barrier()  # not destroy_process_group + normal exit: gloo threads abort that now and then
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def main(out_path: str) -> None:
     grad /= world  # DDP averages
     if rank == 0:
         torch.save(grad, out_path)
-    dist.destroy_process_group()
+    from tiny_trl import exit_after_barrier
+
+    exit_after_barrier()  # not destroy_process_group + normal exit: gloo threads abort that now and then
 
 
 if __name__ == "__main__":
