@@ -25,6 +25,17 @@ def torchrun(nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_env(**extra) -> dict:
+    """The environment of a launched worker: this process's, without the torch.distributed
+    variables of an enclosing launch, with one CPU thread, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
 def ds_env(**extra) -> dict:
     """The environment of a DeepSpeed worker on CPU: gloo, one thread, no Triton interpreter."""
     env = dict(os.environ)

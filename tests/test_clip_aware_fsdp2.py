@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from dist_utils import torchrun
+from dist_utils import launch_env, run_worker, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -17,12 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.distributed
 def test_fsdp2_shards_match_reference_and_skip_together(tmp_path):
     out = tmp_path / "fsdp2.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     cmd = torchrun(2) + [os.path.join(HERE, "dist", "fsdp2_clip_aware_worker.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_worker(cmd, launch_env(), out, os.path.dirname(HERE), timeout=300)
     r0, r1 = json.loads(out.read_text())
     for r in (r0, r1):
         assert r["world"] == 2 and r["is_dtensor"]

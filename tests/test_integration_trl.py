@@ -24,7 +24,7 @@ pytest.importorskip("trl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import trl  # noqa: E402
-from dist_utils import free_port, torchrun  # noqa: E402
+from dist_utils import free_port, launch_env, torchrun  # noqa: E402
 from tiny_trl import (  # noqa: E402
     TRAINER_BASE,
     build_dataset,
@@ -506,10 +506,7 @@ EXAMPLES = os.path.join(REPO, "integration", "examples")
 
 
 def _run_example(args, timeout=240, nproc=0):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env["MASTER_PORT"] = str(free_port())
+    env = launch_env(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", MASTER_PORT=str(free_port()))
     pre = torchrun(nproc) if nproc else [sys.executable]
     proc = subprocess.run(pre + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     # Known CPU/gloo quirk: now and then a DeepSpeed/gloo thread still joinable at interpreter exit

@@ -28,7 +28,7 @@ from grpo_fix.health import HealthMonitor, HealthMonitorCallback
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from dist_utils import ds_env, run_worker, single_process_env, torchrun  # noqa: E402
+from dist_utils import ds_env, launch_env, run_worker, single_process_env, torchrun  # noqa: E402
 
 NAN = float("nan")
 
@@ -304,13 +304,9 @@ def test_trl_resume_mid_generation_buffer_is_exact(tmp_path, tok):
 
 
 def _torchrun_resume_worker(run_dir, out, resume=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_resume_worker.py"), str(run_dir), str(out)]
     cmd += [str(resume)] if resume else []
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_worker(cmd, launch_env(), f"{out}.rank1", REPO, timeout=400)
     return [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
 
 
