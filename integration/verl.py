@@ -53,7 +53,7 @@ import torch
 from grpo_fix.clip_aware_adamw import ClipAwareAdamW as _ClipAwareAdamW
 from grpo_fix.config import PRESETS, SurrogateConfig
 from grpo_fix.signal import TrustRegionSignal
-from grpo_fix.surrogate import surrogate_loss
+from grpo_fix.surrogate import LOG_RATIO_CLAMP, surrogate_loss
 
 __all__ = ["LOSS_NAME", "ClipAwareAdamW", "loss_config", "pending_signal", "policy_loss", "register"]
 
@@ -150,13 +150,11 @@ def policy_loss(
     mask = response_mask.to(torch.bool)
     with torch.no_grad():
         n = mask.sum().clamp_min(1)
-        log_ratio = (log_prob.detach() - old_log_prob).clamp(-20.0, 20.0)
-        s = torch.exp(log_ratio)
-        clip_high = (adv > 0) & (s > 1 + cfg.eps_high)
-        clip_low = (adv < 0) & (s < 1 - cfg.eps_low)
-        dual = (adv < 0) & (s > cfg.delta)
+        log_ratio = (log_prob.detach() - old_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        dual = (adv < 0) & (torch.exp(log_ratio) > cfg.delta)
         metrics = {
-            "actor/pg_clipfrac": ((clip_high | clip_low) & mask).sum() / n,
+            # verl's pg_clipfrac: tokens past 1 +- eps in their advantage's direction = our clip_region
+            "actor/pg_clipfrac": out.metrics["clip_region"],
             "actor/ppo_kl": (-log_ratio * mask).sum() / n,
             "actor/pg_clipfrac_lower": (dual & mask).sum() / n,
             "grpo_fix/kappa": out.signal.kappa,
