@@ -450,22 +450,23 @@ def signal_for(i):
 def test_save_at_step_7_resume_equals_uninterrupted(impl):
     gen = torch.Generator().manual_seed(3)
     grads = [[torch.randn(p.shape, generator=gen) for p in make_params()] for _ in range(15)]
+
+    def train(opt, params, steps, observe=lambda i: True):
+        for i in steps:
+            for p, g in zip(params, grads[i]):
+                p.grad = g.clone()
+            if observe(i):
+                opt.observe(signal_for(i))
+            opt.step()
+
     a_p = make_params()
     a = ClipAwareAdamW(groups_of(a_p), **IMPLS[impl])
-    for i in range(15):
-        for p, g in zip(a_p, grads[i]):
-            p.grad = g.clone()
-        a.observe(signal_for(i))
-        a.step()
+    train(a, a_p, range(15))
 
     b_p = make_params()
     b = ClipAwareAdamW(groups_of(b_p), **IMPLS[impl])
-    for i in range(7):
-        for p, g in zip(b_p, grads[i]):
-            p.grad = g.clone()
-        b.observe(signal_for(i))
-        b.step()
-    b.observe(signal_for(7))  # saved mid-window, with a pending momentum halving (i=7? no) and latched kappa
+    train(b, b_p, range(7))
+    b.observe(signal_for(7))  # saved mid-window: step 7's signal is latched, its step not taken yet
     buf = io.BytesIO()
     torch.save({"opt": b.state_dict(), "params": [p.detach().clone() for p in b_p]}, buf)
     buf.seek(0)
@@ -473,12 +474,7 @@ def test_save_at_step_7_resume_equals_uninterrupted(impl):
     c_p = [torch.nn.Parameter(t) for t in ck["params"]]
     c = ClipAwareAdamW(groups_of(c_p), **IMPLS[impl])
     c.load_state_dict(ck["opt"])
-    for i in range(7, 15):
-        for p, g in zip(c_p, grads[i]):
-            p.grad = g.clone()
-        if i > 7:
-            c.observe(signal_for(i))
-        c.step()
+    train(c, c_p, range(7, 15), observe=lambda i: i > 7)  # step 7 uses the restored, latched signal
     for p, q in zip(a_p, c_p):
         assert torch.equal(p, q)
     assert c.alpha == a.alpha

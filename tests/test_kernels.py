@@ -91,6 +91,15 @@ def cfg_for(name, beta):
     return resolve_config(name, beta=beta) if beta else PRESETS[name]
 
 
+def preset_case(name, make, device):
+    """(config, batch on ``device``, use_ref) for preset ``name``: beta > 0 with reference
+    log-probs for :data:`BETA_PRESETS`, old log-probs near the policy (very near for gspo, whose
+    sequence ratio would clip everything otherwise)."""
+    beta = 0.05 if name in BETA_PRESETS else 0.0
+    d = to_device(make(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002), device)
+    return cfg_for(name, beta), d, beta > 0
+
+
 def run_logits_pair(cfg, d, *, temperature=1.0, inplace=True, use_ref=False, dtype=torch.float32, window=None):
     kw = dict(window or {})
     ref_logp = d["ref"] if use_ref else None
@@ -259,10 +268,8 @@ def test_import_without_triton():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_logits_loss_every_preset(name, device):
-    beta = 0.05 if name in BETA_PRESETS else 0.0
-    d = to_device(make_batch(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002), device)
-    cfg = cfg_for(name, beta)
-    out, ref, g, g_ref = run_logits_pair(cfg, d, temperature=0.9, use_ref=beta > 0)
+    cfg, d, use_ref = preset_case(name, make_batch, device)
+    out, ref, g, g_ref = run_logits_pair(cfg, d, temperature=0.9, use_ref=use_ref)
     assert_outputs_close(out, ref)
     torch.testing.assert_close(g, g_ref, **TOL)
     assert g.abs().sum() > 0
@@ -372,11 +379,9 @@ def check_linear_grads(got, want, tol=TOL):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_linear_loss_every_preset(name, device):
-    beta = 0.05 if name in BETA_PRESETS else 0.0
-    d = to_device(linear_case(seed=sum(map(ord, name)), spread=0.4 if name != "gspo" else 0.002), device)
-    cfg = cfg_for(name, beta)
+    cfg, d, use_ref = preset_case(name, linear_case, device)
     for chunk in (5, 64):  # 5 does not divide the valid-token count; gspo: 1 row per chunk when < T
-        out, ref, got, want = run_linear_pair(cfg, d, chunk_tokens=chunk, temperature=0.8, use_ref=beta > 0)
+        out, ref, got, want = run_linear_pair(cfg, d, chunk_tokens=chunk, temperature=0.8, use_ref=use_ref)
         assert_outputs_close(out, ref)
         check_linear_grads(got, want)
 
