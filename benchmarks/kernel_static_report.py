@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     import triton
 
     rows = build_report(args.arch, args.vocab)
-    meta = dict(vocab=args.vocab, triton=triton.__version__, torch=torch.__version__, host=f"{platform.machine()} {platform.system()}")
+    meta = dict(vocab=args.vocab, triton=triton.__version__, torch=torch.__version__,
+                host=f"{platform.machine()} {platform.system()}")
     md = to_markdown(rows, meta)
     print(md)
     if args.write:

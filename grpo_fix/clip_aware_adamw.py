@@ -146,7 +146,8 @@ __all__ = ["ClipAwareAdamW"]
 _GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False, "ca_skipped": 0,
                    "ca_started": False}
 _ATTR_DEFAULTS: dict[str, Any] = {
-    "gate": True, "controller": True, "tau": 0.05, "alpha_init": 1.0, "backtrack": False, "shrink": 0.5, "grow": 1.25,
+    "gate": True, "controller": True, "tau": 0.05, "alpha_init": 1.0, "backtrack": False, "shrink": 0.5,
+    "grow": 1.25,
     "reset_on_rollout": False, "shrink_momentum": False,
     "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto",
     "last_stats": {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0},

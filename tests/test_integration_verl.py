@@ -113,7 +113,8 @@ def test_micro_batches_and_ranks_sum_to_the_mini_batch():
     grads = []
     for rows in (slice(0, 3), slice(3, 6)):
         x = ranks.detach()[rows].clone().requires_grad_(True)
-        gv.policy_loss(old[rows], x, adv[rows], mask[rows], config=actor_cfg(dp_size=2, batch_num_tokens=n))[0].backward()
+        cfg = actor_cfg(dp_size=2, batch_num_tokens=n)
+        gv.policy_loss(old[rows], x, adv[rows], mask[rows], config=cfg)[0].backward()
         grads.append(x.grad)
     torch.testing.assert_close(parts.grad, full.grad, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(torch.cat(grads) / 2, full.grad, rtol=1e-12, atol=1e-15)
