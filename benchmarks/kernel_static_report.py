@@ -35,7 +35,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from unittest.mock import patch
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (must precede the kernels' definition)
 
@@ -67,10 +69,16 @@ def _record_launches(vocab: int) -> list[tuple[str, object, tuple, dict, dict]]:
     fwd_fn, bwd_fn = lp._kernels()
     kernel_fn, triton_mod = adamw_mod._kernel()
     fwd, bwd, adam = _Recorder(fwd_fn), _Recorder(bwd_fn), _Recorder(kernel_fn)
-    lp._kernels = lambda: (fwd, bwd)
-    lp.check_device = lambda t, what="input": None  # CPU stand-ins for CUDA tensors: nothing runs
-    adamw_mod._kernel = lambda: (adam, triton_mod)
+    with ExitStack() as stack:  # the modules are patched only while recording
+        stack.enter_context(patch.object(lp, "_kernels", lambda: (fwd, bwd)))
+        # CPU stand-ins for CUDA tensors: nothing runs
+        stack.enter_context(patch.object(lp, "check_device", lambda t, what="input": None))
+        stack.enter_context(patch.object(adamw_mod, "_kernel", lambda: (adam, triton_mod)))
+        return _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam)
 
+
+def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam):
+    """Call the launch code once per variant (kernels recorded, not run)."""
     out = []
 
     def take(rec, name, expect):
