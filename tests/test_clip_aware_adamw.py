@@ -648,6 +648,9 @@ def test_constructor_rejections():
         ClipAwareAdamW(p, nonfinite="ignore")
     with pytest.raises(ValueError, match="shrink"):
         ClipAwareAdamW(p, shrink=1.5)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha_init"):
+            ClipAwareAdamW(p, alpha_init=bad)
 
 
 def test_zero_grad_step_is_harmless_and_groups_can_be_stepped_separately():
