@@ -73,16 +73,6 @@ def trl_eager_loss(logits, ids, old_logp, advantages, mask):
     return dapo_loss_from_logp(logp, old_logp, advantages, mask)
 
 
-def dapo_math_outputs(logp, old_logp, advantages, mask):
-    """grpo-fix's DAPO surrogate on given log-probs with everything it returns (loss, every signal
-    tensor, every metric), so a compiled version does the same work as the eager one."""
-    from grpo_fix import PRESETS, surrogate_loss
-    from grpo_fix.signal import TENSOR_FIELDS
-
-    out = surrogate_loss(PRESETS["dapo"], logp, old_logp, advantages, mask, group_size=None)
-    return (out.loss, *(getattr(out.signal, f) for f in TENSOR_FIELDS), *out.metrics.values())
-
-
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -188,9 +178,16 @@ def check_losses(rows, section, shape, ref, rtol=2e-2):
 # ----------------------------------------------------------------------------- logits path
 
 
+def _math_variants(device, compile_ok):
+    """(entry-name suffix, compile_math) of our entries: the default, plus eager math on CUDA."""
+    if not compile_ok:
+        return [("", False)]
+    return [("", "auto")] + ([(", eager math", False)] if device.type == "cuda" else [])
+
+
 def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: None):
     from grpo_fix import PRESETS
-    from grpo_fix.kernels import logits_surrogate_loss, selective_logprob, selective_logprob_nograd
+    from grpo_fix.kernels import logits_surrogate_loss, selective_logprob_nograd
 
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -198,7 +195,9 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
         triton_grpo_loss = None
 
     compiled_loss = torch.compile(trl_eager_loss, dynamic=False) if compile_ok else None
-    compiled_math = torch.compile(dapo_math_outputs, fullgraph=True, dynamic=False) if compile_ok else None
+    # our default ("auto") compiles the per-token math on CUDA; the eager-math entries measure
+    # what that buys (kernel launches of 130-200 small ops, see grpo_fix.compiled_math)
+    math_variants = _math_variants(device, compile_ok)
     for B, T, V in shapes:
         shape = f"B={B} T={T} V={V}"
         gib = B * (T + 1) * V * 2 / 2**30
@@ -235,9 +234,11 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
               lambda: step(lambda: triton_grpo_loss(
                   logits, old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
                   eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
-        entry("ours logits_surrogate_loss (dapo, inplace)",
-              lambda: step(lambda: logits_surrogate_loss(
-                  PRESETS["dapo"], logits, ids, old, adv, mask, group_size=None, inplace_backward=True).loss))
+        for suffix, compile_math in math_variants:
+            entry("ours logits_surrogate_loss (dapo, inplace)" + suffix,
+                  lambda: step(lambda: logits_surrogate_loss(
+                      PRESETS["dapo"], logits, ids, old, adv, mask, group_size=None, inplace_backward=True,
+                      compile_math=compile_math).loss))
         check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, old, adv, mask))
         # The old log-probs above are far from the policy (as in the anchors' measurements), so
         # about half the tokens are clipped and our backward skips their rows; Liger reads every
@@ -249,13 +250,11 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
                   lambda: step(lambda: triton_grpo_loss(
                       logits, near, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
                       eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]))
-        entry("ours logits_surrogate_loss (dapo, inplace)" + tag,
-              lambda: step(lambda: logits_surrogate_loss(
-                  PRESETS["dapo"], logits, ids, near, adv, mask, group_size=None, inplace_backward=True).loss))
-        if compiled_math:  # the GRPO math (loss, signal, metrics) compiled, the kernel eager: launch overhead
-            entry("ours, GRPO math under torch.compile" + tag,
-                  lambda: step(lambda: compiled_math(selective_logprob(logits, ids, mask, inplace=True), near, adv,
-                                                     mask)[0]))
+        for suffix, compile_math in math_variants:
+            entry("ours logits_surrogate_loss (dapo, inplace)" + tag + suffix,
+                  lambda: step(lambda: logits_surrogate_loss(
+                      PRESETS["dapo"], logits, ids, near, adv, mask, group_size=None, inplace_backward=True,
+                      compile_math=compile_math).loss))
         check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, near, adv, mask))
         # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
         entry("ours, uniform preset (prefix-consistent, G=8)",
@@ -313,7 +312,7 @@ def bench_block_sweep(rows, device, iters, warmup, shape, configs, save=lambda: 
 # ----------------------------------------------------------------------------- logits-free path
 
 
-def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, save=lambda: None):
+def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile_ok, save=lambda: None):
     from grpo_fix import PRESETS
     from grpo_fix.kernels import linear_surrogate_loss, logits_surrogate_loss
 
@@ -394,11 +393,13 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, save=la
                   eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
         entry("Liger LigerFusedLinearGRPOLoss", liger_fused, liger_fused_iters, 1)
         entry("TRL 1.16 ChunkedLogProbFunction + loss", trl_head)
-        for chunk in (4096, 8192):
-            entry(f"ours linear_surrogate_loss (chunk {chunk})",
+        (_, default), *eager = _math_variants(device, compile_ok)
+        variants = [(4096, "", default), (8192, "", default)] + [(4096, suffix, False) for suffix, _ in eager]
+        for chunk, suffix, compile_math in variants:
+            entry(f"ours linear_surrogate_loss (chunk {chunk})" + suffix,
                   lambda: step(lambda: linear_surrogate_loss(
                       PRESETS["dapo"], h_view(), weight, ids, old, adv, mask, group_size=None,
-                      chunk_tokens=chunk).loss))
+                      chunk_tokens=chunk, compile_math=compile_math).loss))
         with torch.no_grad():
             ref = reference_loss(lambda b: hidden[b, :T] @ weight.t(), ids, old, adv, mask)
         check_losses(rows, "linear", shape, ref)
@@ -469,7 +470,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--liger-fused-iters", type=int, default=3, help="Liger's fused linear loss is ~1 s per run")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true",
+                   help="no torch.compile anywhere (the compiled TRL-style entry, and our math runs eagerly)")
     p.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on CPU (Triton interpreter); no results")
     args = p.parse_args(argv)
 
@@ -508,7 +510,7 @@ def main(argv=None):
         bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs, save)
     if args.only in (None, "linear"):
         bench_linear(rows, device, iters, warmup, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1,
-                     save)
+                     not args.no_compile and not args.smoke_cpu, save)
 
     print("\n" + to_markdown(rows, meta))
     if args.smoke_cpu:

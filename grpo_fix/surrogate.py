@@ -39,10 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compiled_math import check_compile_choice, run_math, use_compiled
 from .config import SurrogateConfig, resolve_config
 from .prefix import PrefixClasses, prefix_classes, whole_group_prefix_aggregate
 from .signal import TrustRegionSignal
-from .validation import check_shapes, check_values
+from .validation import check_shapes, raise_on_bad_values, value_flags
 
 #: |log-ratio| and |ref - logp| are clamped to this before ``exp`` (as verl and OpenRLHF do), so
 #: a ratio never overflows to inf; it only matters beyond ratios of e^20 ~ 4.9e8.  For fp16
@@ -72,7 +73,10 @@ class GroupSurrogateLoss(nn.Module):
             a :class:`SurrogateConfig`.
         backend: ``"auto"`` (Triton kernels for CUDA tensors in :meth:`forward_logits` /
             :meth:`forward_hidden`, torch otherwise), ``"torch"`` or ``"triton"``.  :meth:`forward`
-            takes log-probs and is plain torch (its math is launch bound, ~1 ms).
+            takes log-probs and is plain torch.
+        compile_math: ``"auto"`` (default: the per-token math under ``torch.compile`` for CUDA
+            tensors, eager otherwise), ``True`` or ``False``; every entry point
+            (:mod:`grpo_fix.compiled_math` says why and what happens if compiling fails).
         **overrides: fields of :class:`SurrogateConfig` to change (e.g. ``beta=0.04``).
 
     Call::
@@ -98,12 +102,15 @@ class GroupSurrogateLoss(nn.Module):
     - ``dp_size``: data-parallel ranks whose gradients are averaged.
     """
 
-    def __init__(self, preset: str | SurrogateConfig | None = "uniform", *, backend: str = "auto", **overrides) -> None:
+    def __init__(self, preset: str | SurrogateConfig | None = "uniform", *, backend: str = "auto",
+                 compile_math: bool | str = "auto", **overrides) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_compile_choice(compile_math)
         self.config = resolve_config(preset, **overrides)
         self.backend = backend
+        self.compile_math = compile_math
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
@@ -119,6 +126,7 @@ class GroupSurrogateLoss(nn.Module):
         **kwargs,
     ) -> SurrogateOutput:
         """Eq. 1 on log-probs; keyword arguments as :func:`surrogate_loss` (see the class docstring)."""
+        kwargs.setdefault("compile_math", self.compile_math)
         return surrogate_loss(self.config, logp, old_logp, advantages, mask, group_size=group_size, **kwargs)
 
     def forward_logits(self, logits: torch.Tensor, completion_ids: torch.Tensor, old_logp, advantages, mask, *,
@@ -133,6 +141,7 @@ class GroupSurrogateLoss(nn.Module):
         if self._use_triton(logits):
             from grpo_fix.kernels import logits_surrogate_loss
 
+            window.setdefault("compile_math", self.compile_math)
             return logits_surrogate_loss(self, logits, completion_ids, old_logp, advantages, mask,
                                          group_size=group_size, temperature=temperature, **window)
         logp = _torch_selective_logprob(logits[:, : completion_ids.shape[1]], completion_ids, temperature)
@@ -151,6 +160,7 @@ class GroupSurrogateLoss(nn.Module):
         if self._use_triton(hidden):
             from grpo_fix.kernels import linear_surrogate_loss
 
+            window.setdefault("compile_math", self.compile_math)
             return linear_surrogate_loss(self, hidden, weight, completion_ids, old_logp, advantages, mask,
                                          group_size=group_size, bias=bias, temperature=temperature,
                                          chunk_tokens=chunk_tokens, **window)
@@ -191,8 +201,19 @@ def surrogate_loss(
     num_window_seqs: torch.Tensor | int | float | None = None,
     num_micro_batches: int = 1,
     dp_size: int = 1,
+    classes: PrefixClasses | None = None,
+    compile_math: bool | str = "auto",
 ) -> SurrogateOutput:
-    """Functional form of :class:`GroupSurrogateLoss` (same arguments, config first)."""
+    """Functional form of :class:`GroupSurrogateLoss` (same arguments, config first).
+
+    ``classes``: the shared-prefix classes of ``completion_ids`` (:func:`grpo_fix.prefix_classes`
+    with this ``group_size`` and mask), when the caller already has them; the kernel entry points
+    compute them before launching their kernels, because finding them costs a host sync.
+
+    Host syncs: the value checks are computed on the device first and read once the forward math
+    is queued (so on CUDA the sync waits for queued work rather than idling the GPU while the
+    small ops are launched); finding prefix classes (``torch.unique``) syncs where it runs.
+    """
     check_shapes(logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp)
     if cfg.beta != 0.0 and ref_logp is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logp (reference-policy log-probs); pass it or set beta=0")
@@ -200,10 +221,14 @@ def surrogate_loss(
         raise ValueError("prefix-consistent clipping with completion_ids needs group_size (whole groups)")
     if num_micro_batches < 1 or dp_size < 1:
         raise ValueError(f"num_micro_batches and dp_size must be >= 1, got {num_micro_batches}, {dp_size}")
-    check_values(logp, old_logp, advantages, mask, ref_logp, num_window_tokens)
+    if classes is not None and (group_size is None or tuple(classes.index.shape) != tuple(logp.shape)):
+        raise ValueError(f"classes must come with group_size and match logp's shape {tuple(logp.shape)}")
+    compiled = use_compiled(compile_math, logp)
+    flags = value_flags(logp, old_logp, advantages, mask, ref_logp, num_window_tokens)
 
     valid = mask.to(torch.bool)
-    classes = prefix_classes(completion_ids, group_size, valid) if completion_ids is not None and group_size else None
+    if classes is None and completion_ids is not None and group_size:
+        classes = prefix_classes(completion_ids, group_size, valid)
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(
         cfg,
@@ -213,10 +238,25 @@ def surrogate_loss(
         num_micro_batches=num_micro_batches,
         dp_size=dp_size,
     )
+    loss, signal, metrics = run_math(policy_math, cfg, compiled, logp, old_logp, adv, valid, ref_logp, alpha,
+                                     classes, group_size)
+    raise_on_bad_values(flags)
+    return SurrogateOutput(loss=loss, signal=signal, metrics=metrics)
+
+
+def policy_math(cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha, classes, group_size):
+    """The part of Eq. 1 that depends on the current log-probs: ``(loss, signal, metrics)`` from
+    token advantages ``adv`` and weights ``alpha`` (what :func:`surrogate_loss` and the kernel
+    entry points run, compiled or not; see :mod:`grpo_fix.compiled_math`)."""
     terms = token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha)
     with torch.no_grad():
         signal, metrics = _diagnostics(cfg, valid, terms, alpha, classes, group_size)
-    return SurrogateOutput(loss=terms.loss, signal=signal, metrics=metrics)
+    return terms.loss, signal, metrics
+
+
+def token_loss(cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha) -> torch.Tensor:
+    """``token_terms(...).loss`` alone (the per-chunk loss of the logits-free kernel path)."""
+    return token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha).loss
 
 
 @dataclass(frozen=True)

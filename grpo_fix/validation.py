@@ -2,8 +2,9 @@
 
 Shape/dtype checks are static and always run.  Value checks (non-finite log-probs at valid
 positions, a mask that is not 0/1, a window count smaller than the call's own tokens) need one
-host synchronisation; they run in eager mode and are skipped while ``torch.compile`` traces, so
-the compiled common path has no graph break.  Non-finite values at *masked* positions are
+host synchronisation: :func:`value_flags` computes them on the device, :func:`raise_on_bad_values`
+reads them once the forward math is queued.  They run in eager mode and are skipped while
+``torch.compile`` traces, so the compiled common path has no graph break.  Non-finite values at *masked* positions are
 allowed: they are replaced before any arithmetic, so they cannot leak into the loss or gradient.
 """
 
@@ -62,38 +63,48 @@ def check_shapes(
             )
 
 
-def check_values(
+def value_flags(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None,
     num_window_tokens: torch.Tensor | int | float | None,
-) -> None:
-    """Value checks with a single host sync; skipped under ``torch.compile`` tracing."""
+) -> torch.Tensor | None:
+    """The value checks as one bool vector on the inputs' device (no host sync; see
+    :data:`VALUE_CHECKS` for what each entry means).  ``None`` while ``torch.compile`` traces or
+    for an empty batch: nothing to check."""
     if torch.compiler.is_compiling() or logp.numel() == 0:
-        return
+        return None
     valid = mask.to(torch.bool)
+    no = torch.zeros((), dtype=torch.bool, device=logp.device)
     flags = [
-        ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else torch.zeros((), dtype=torch.bool),
+        ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else no,
         (~torch.isfinite(logp) & valid).any(),
-        (~torch.isfinite(old_logp) & valid).any() if old_logp is not None else torch.zeros((), dtype=torch.bool),
-        (~torch.isfinite(ref_logp) & valid).any() if ref_logp is not None else torch.zeros((), dtype=torch.bool),
+        (~torch.isfinite(old_logp) & valid).any() if old_logp is not None else no,
+        (~torch.isfinite(ref_logp) & valid).any() if ref_logp is not None else no,
         (~torch.isfinite(advantages)).any(),
-        (valid.sum() > num_window_tokens)
-        if num_window_tokens is not None
-        else torch.zeros((), dtype=torch.bool),
+        (valid.sum() > num_window_tokens) if num_window_tokens is not None else no,
     ]
-    bad = torch.stack([f.to(torch.bool).reshape(()).cpu() for f in flags]).tolist()
-    messages = (
-        "mask must contain only 0 and 1",
-        "logp has NaN/inf at valid (mask=1) positions",
-        "old_logp has NaN/inf at valid (mask=1) positions",
-        "ref_logp has NaN/inf at valid (mask=1) positions",
-        "advantages contain NaN/inf",
-        "num_window_tokens is smaller than the valid tokens of this call; it must count the whole optimizer "
-        "window (all micro-batches, all ranks)",
-    )
-    errors = [m for m, b in zip(messages, bad) if b]
-    if errors:
-        raise ValueError("; ".join(errors))
+    return torch.stack([f.to(device=logp.device, dtype=torch.bool).reshape(()) for f in flags])
+
+
+#: What each entry of :func:`value_flags` reports when it is set.
+VALUE_CHECKS = (
+    "mask must contain only 0 and 1",
+    "logp has NaN/inf at valid (mask=1) positions",
+    "old_logp has NaN/inf at valid (mask=1) positions",
+    "ref_logp has NaN/inf at valid (mask=1) positions",
+    "advantages contain NaN/inf",
+    "num_window_tokens is smaller than the valid tokens of this call; it must count the whole optimizer "
+    "window (all micro-batches, all ranks)",
+)
+
+
+def raise_on_bad_values(flags: torch.Tensor | None) -> None:
+    """Read the flags of :func:`value_flags` (the one host sync) and raise ``ValueError`` naming
+    every failed check.  Callers read them after queueing the forward math, so that on CUDA the
+    sync waits for work already queued instead of stalling the GPU while the math is launched."""
+    if flags is None or not flags.any().item():
+        return
+    raise ValueError("; ".join(m for m, bad in zip(VALUE_CHECKS, flags.tolist()) if bad))

@@ -2,15 +2,17 @@
 
 **Design: the kernels do only the vocabulary work; the GRPO math stays in one torch function.**
 The expensive part of a policy loss is the vocabulary: the passes over the ``[N, V]`` logits
-(logsumexp, selected log-prob, softmax gradient) and the lm_head GEMMs.  The per-token GRPO
-arithmetic (ratio, clip, KL, weighting, prefix-consistent advantages, the trust-region signal) is
-launch bound: about 1 ms on an H100 whatever the batch size, at most ~2 % of the cost (see
-``research/anchors-loss.md`` section 7).  Fusing it buys nothing measurable and would duplicate
-the loss in a second language, which is how the Liger / TRL copies drifted apart.  So the kernels
-compute log-probs (forward) and ``dlogits = (onehot - softmax) * dlogp / T`` (backward), and the
-loss always runs through :func:`grpo_fix.surrogate.surrogate_loss` / ``token_terms``: every
-preset, weighting, KL estimator, prefix-consistent variant and the :class:`TrustRegionSignal` are
-identical to the oracle by construction.
+(logsumexp, selected log-prob, softmax gradient) and the lm_head GEMMs.  So the kernels compute
+log-probs (forward) and ``dlogits = (onehot - softmax) * dlogp / T`` (backward), and the loss
+always runs through :func:`grpo_fix.surrogate.surrogate_loss` / ``token_loss``: every preset,
+weighting, KL estimator, prefix-consistent variant and the :class:`TrustRegionSignal` are
+identical to the oracle by construction.  A second copy of the loss in Triton is how the Liger /
+TRL copies drifted apart.  The per-token arithmetic is 130 to 200 small ops; launched eagerly
+that is a fixed cost per call of the order of the whole vocabulary pass at V = 32k, so on CUDA
+it runs under ``torch.compile`` (``compile_math="auto"``, :mod:`grpo_fix.compiled_math`), which
+fuses the same source into a few kernels.  Host syncs that do not depend on the log-probs (the
+prefix classes) happen before the kernel launch, and the value checks are read after the
+forward math is queued.
 
 Entry points:
 

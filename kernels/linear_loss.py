@@ -5,8 +5,9 @@ off-policy sequence mask, which reduce over a row):
 
 1. GEMM ``X_c W^T (+ b)`` into one reused ``[chunk, V]`` buffer (compute dtype of ``hidden``);
 2. Triton forward kernel -> ``logp_c`` (fp32) and the logsumexp;
-3. :func:`grpo_fix.surrogate.token_terms` on the chunk with a leaf ``logp_c`` and
-   ``torch.autograd.grad`` -> ``dL/dlogp_c`` (the GRPO math of the oracle, nothing re-derived);
+3. :func:`grpo_fix.surrogate.token_loss` on the chunk with a leaf ``logp_c`` and
+   ``torch.autograd.grad`` -> ``dL/dlogp_c`` (the GRPO math of the oracle, nothing re-derived;
+   compiled on CUDA, see :mod:`grpo_fix.compiled_math`);
 4. Triton backward kernel writes ``dlogits`` in place into the buffer;
 5. ``dX_c = dlogits W`` and ``dW += dlogits^T X_c`` (fp32 accumulator), ``db += sum dlogits``.
 
@@ -24,8 +25,9 @@ import functools
 
 import torch
 
+from grpo_fix.compiled_math import run_math, use_compiled
 from grpo_fix.prefix import prefix_classes
-from grpo_fix.surrogate import SurrogateOutput, surrogate_loss, token_advantages, token_terms, window_alpha
+from grpo_fix.surrogate import SurrogateOutput, surrogate_loss, token_advantages, token_loss, window_alpha
 from grpo_fix.validation import check_shapes
 
 from .logits_loss import PackedLayout, resolve_loss_config
@@ -168,6 +170,7 @@ def _forward_chunks(hidden, weight, bias, st):
     old, ref = st["old_logp"], st["ref_logp"]
     token_local = st["token_local"]
     temp = st["temperature"]
+    compiled = st["compiled"]
 
     plan = list(_chunks(valid, token_local, st["chunk_tokens"]))
     max_n = max((int(idx.numel()) for idx, _ in plan), default=0)
@@ -196,20 +199,20 @@ def _forward_chunks(hidden, weight, bias, st):
                 def pick(t):
                     return None if t is None else t.reshape(-1).index_select(0, idx)[None]
 
-                terms = token_terms(
-                    cfg, leaf[None], pick(old), pick(adv), torch.ones((1, n), dtype=torch.bool, device=dev),
-                    pick(ref), alpha_flat.index_select(0, idx)[None],
+                loss_c = run_math(
+                    token_loss, cfg, compiled, leaf[None], pick(old), pick(adv),
+                    torch.ones((1, n), dtype=torch.bool, device=dev), pick(ref), alpha_flat.index_select(0, idx)[None],
                 )
             else:  # whole rows r0:r1 (sequence ratios / off-policy sequence mask)
                 r0, r1 = rows
                 local = idx - r0 * T
                 lp_rows = torch.zeros((r1 - r0) * T, dtype=torch.float32, device=dev).index_copy(0, local, leaf)
                 sl = slice(r0, r1)
-                terms = token_terms(
-                    cfg, lp_rows.view(r1 - r0, T), None if old is None else old[sl], adv[sl], valid[sl],
-                    None if ref is None else ref[sl], alpha.expand(B, T)[sl],
+                loss_c = run_math(
+                    token_loss, cfg, compiled, lp_rows.view(r1 - r0, T), None if old is None else old[sl], adv[sl],
+                    valid[sl], None if ref is None else ref[sl], alpha.expand(B, T)[sl],
                 )
-            (dlogp,) = torch.autograd.grad(terms.loss, leaf, allow_unused=True)
+            (dlogp,) = torch.autograd.grad(loss_c, leaf, allow_unused=True)
         if dlogp is None:
             dlogp = torch.zeros_like(logp_c)
         dlogits = logprob_backward(logits_c, ids_c, None, lse_c, dlogp, temp, inplace=True)
@@ -227,6 +230,7 @@ def _forward_chunks(hidden, weight, bias, st):
             group_size=st["group_size"], completion_ids=st["ids"] if st["group_size"] is not None else None,
             ref_logp=st["ref_logp_in"], num_window_tokens=st["num_window_tokens"],
             num_window_seqs=st["num_window_seqs"], num_micro_batches=st["num_micro_batches"], dp_size=st["dp_size"],
+            classes=st["classes"], compile_math=compiled,
         )
     st["signal"], st["metrics"], st["logp"] = out.signal, out.metrics, logp_flat.view(B, T)
     dW = None
@@ -257,6 +261,7 @@ def linear_surrogate_loss(
     dp_size: int = 1,
     chunk_tokens: int = 4096,
     cu_seqlens: torch.Tensor | None = None,
+    compile_math: bool | str = "auto",
 ) -> SurrogateOutput:
     """The surrogate of ``cfg`` on ``log_softmax((hidden W^T + b) / temperature)[completion_ids]``
     without materialising the ``[N, V]`` logits.
@@ -270,6 +275,8 @@ def linear_surrogate_loss(
     - ``cu_seqlens`` ``(B + 1,)``: packed (padding-free) inputs: ``hidden`` ``(N, H)`` and
       ``completion_ids`` / ``mask`` (None: all) / ``old_logp`` / ``ref_logp`` ``(N,)``,
       ``advantages`` ``(B,)`` or ``(N,)``; the loss is that of the padded ``(B, T_max)`` batch.
+    - ``compile_math``: the per-token math under ``torch.compile`` (``"auto"``: on CUDA; see
+      :mod:`grpo_fix.compiled_math`).
     - every other argument is that of :func:`grpo_fix.surrogate_loss`.
 
     Gradients (dX in the hidden dtype, dW / db accumulated in fp32 and returned in the weight
@@ -307,12 +314,9 @@ def linear_surrogate_loss(
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} on {t.device} but hidden on {hidden.device}")
 
+    compiled = use_compiled(compile_math, hidden)
     valid = mask.to(torch.bool)
-    classes = (
-        prefix_classes(completion_ids, group_size, valid)
-        if cfg.prefix_consistent and group_size is not None
-        else None
-    )
+    classes = prefix_classes(completion_ids, group_size, valid) if group_size is not None else None
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(
         cfg, valid, num_window_tokens=num_window_tokens, num_window_seqs=num_window_seqs,
@@ -320,7 +324,7 @@ def linear_surrogate_loss(
     )
     grad_on = torch.is_grad_enabled()
     state = dict(
-        cfg=cfg, valid=valid, T=T, ids=completion_ids, adv=adv, alpha=alpha,
+        cfg=cfg, valid=valid, T=T, ids=completion_ids, adv=adv, alpha=alpha, classes=classes, compiled=compiled,
         old_logp=old_logp, ref_logp=ref_logp, old_logp_in=old_logp, ref_logp_in=ref_logp,
         advantages=advantages, mask=mask, group_size=group_size, num_window_tokens=num_window_tokens,
         num_window_seqs=num_window_seqs, num_micro_batches=num_micro_batches, dp_size=dp_size,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from grpo_fix.compiled_math import check_compile_choice
 from grpo_fix.config import SurrogateConfig, resolve_config
+from grpo_fix.prefix import PrefixClasses, prefix_classes
 from grpo_fix.surrogate import GroupSurrogateLoss, SurrogateOutput, surrogate_loss
 
 from .logprob import selective_logprob
@@ -100,6 +102,7 @@ def logits_surrogate_loss(
     dp_size: int = 1,
     inplace_backward: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    compile_math: bool | str = "auto",
 ) -> SurrogateOutput:
     """The surrogate of ``cfg`` on ``log_softmax(logits / temperature)[completion_ids]``.
 
@@ -115,11 +118,18 @@ def logits_surrogate_loss(
       ``completion_ids`` / ``mask`` / ``old_logp`` / ``ref_logp`` ``(N,)`` (``mask`` may be None:
       all tokens), ``advantages`` ``(B,)`` or ``(N,)``; sequence b is rows
       ``cu_seqlens[b]:cu_seqlens[b+1]``.  The loss is that of the padded ``(B, T_max)`` batch.
+    - ``compile_math``: the per-token math under ``torch.compile`` (``"auto"``: on CUDA; see
+      :mod:`grpo_fix.compiled_math`).
+
+    Everything that needs a host sync and does not depend on the log-probs (the packed layout,
+    the prefix classes) runs before the kernel is launched; the value checks are read after the
+    forward math is queued (:func:`grpo_fix.surrogate_loss`).
 
     Returns the :class:`SurrogateOutput` of :func:`grpo_fix.surrogate_loss` (loss with grad to
     ``logits``, signal, metrics).
     """
     cfg = resolve_loss_config(cfg_or_loss_fn)
+    check_compile_choice(compile_math)
     if cu_seqlens is not None:
         if logits.dim() != 2:
             raise ValueError(f"with cu_seqlens, logits must be packed (N, V), got {tuple(logits.shape)}")
@@ -127,8 +137,10 @@ def logits_surrogate_loss(
             cu_seqlens, logits.shape[0], logits.device, mask, advantages,
             completion_ids=completion_ids, old_logp=old_logp, ref_logp=ref_logp,
         )
-        logp_packed = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
         valid = lay.pad(mask.to(torch.bool), "mask", False)
+        ids_padded = lay.pad(completion_ids, "completion_ids") if group_size is not None else None
+        classes = _classes(ids_padded, group_size, valid)
+        logp_packed = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
         return surrogate_loss(
             cfg,
             lay.pad(logp_packed, "logp"),
@@ -136,12 +148,14 @@ def logits_surrogate_loss(
             advantages,
             valid,
             group_size=group_size,
-            completion_ids=lay.pad(completion_ids, "completion_ids") if group_size is not None else None,
+            completion_ids=ids_padded,
             ref_logp=lay.pad(ref_logp, "ref_logp"),
             num_window_tokens=num_window_tokens,
             num_window_seqs=num_window_seqs,
             num_micro_batches=num_micro_batches,
             dp_size=dp_size,
+            classes=classes,
+            compile_math=compile_math,
         )
     if completion_ids.dim() != 2 or logits.dim() != 3:
         raise ValueError(
@@ -150,6 +164,7 @@ def logits_surrogate_loss(
         )
     if tuple(mask.shape) != tuple(completion_ids.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} != completion_ids shape {tuple(completion_ids.shape)}")
+    classes = _classes(completion_ids if group_size is not None else None, group_size, mask)
     logp = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
     return surrogate_loss(
         cfg,
@@ -164,4 +179,13 @@ def logits_surrogate_loss(
         num_window_seqs=num_window_seqs,
         num_micro_batches=num_micro_batches,
         dp_size=dp_size,
+        classes=classes,
+        compile_math=compile_math,
     )
+
+
+def _classes(completion_ids: torch.Tensor | None, group_size: int | None, mask) -> PrefixClasses | None:
+    """The prefix classes, found before the kernel launch (``torch.unique`` syncs with the host)."""
+    if completion_ids is None or not group_size:
+        return None
+    return prefix_classes(completion_ids, group_size, mask)

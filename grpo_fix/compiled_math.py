@@ -1,0 +1,72 @@
+"""The per-token GRPO math under ``torch.compile``: when, how, and what happens if it fails.
+
+Why: the math of Eq. 1 (ratio, clip, KL, weighting, the trust-region signal and the metrics) is
+130 to 200 small torch ops per call (forward + backward) on ``(B, T)`` tensors.  Eagerly on a GPU
+each is a kernel launch of a few microseconds, so the math costs a fixed ~0.5-1 ms per call
+(estimated from the op count, not measured) whatever the vocabulary: as much as the whole fused
+vocabulary pass at V = 32k.  Compiled (Inductor), the same Python source becomes a handful of
+fused kernels, so :mod:`grpo_fix.surrogate` stays the single source of truth and the kernels
+stay vocabulary-only (see ``grpo_fix.kernels``).
+
+``compile_math`` (an argument of every loss entry point):
+
+- ``"auto"`` (default): compiled for CUDA tensors, eager otherwise (CPU, the Triton interpreter);
+- ``True`` / ``False``: always / never.
+
+Each (math function, configuration) gets one ``torch.compile(dynamic=True)`` wrapper, so batch
+and sequence lengths change without recompiling; Dynamo still specialises on grad mode, on which
+optional inputs are ``None`` and on a size threshold of its reduction heuristics, about 2-6
+graphs per configuration in a training run, within Dynamo's default recompile limit of 8 (past
+it Dynamo itself falls back to eager, with its own warning).  If compiling raises (a Dynamo or
+Inductor error: an unsupported torch build, no C++ compiler on a CPU host), the configuration
+warns once and runs eagerly from then on: the eager math is the same code, so only speed changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+
+COMPILE_CHOICES = ("auto", True, False)
+_FAILED: set = set()
+
+
+def check_compile_choice(compile_math) -> None:
+    if compile_math not in COMPILE_CHOICES or isinstance(compile_math, int) and not isinstance(compile_math, bool):
+        raise ValueError(f"compile_math must be 'auto', True or False, got {compile_math!r}")
+
+
+def use_compiled(compile_math, t: torch.Tensor) -> bool:
+    """Whether ``compile_math`` means compiled for the math on ``t``'s device (see the module docstring)."""
+    check_compile_choice(compile_math)
+    if compile_math == "auto":
+        return t.is_cuda
+    return bool(compile_math)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable, cfg) -> Callable:
+    return torch.compile(functools.partial(fn, cfg), dynamic=True)
+
+
+def run_math(fn: Callable, cfg, compiled: bool, *args):
+    """``fn(cfg, *args)``, through its cached compiled wrapper when ``compiled`` (see above).
+
+    Inside an outer ``torch.compile`` trace the function is called directly (Dynamo inlines it).
+    """
+    if compiled and not torch.compiler.is_compiling() and (fn, cfg) not in _FAILED:
+        try:
+            return _compiled(fn, cfg)(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            _FAILED.add((fn, cfg))
+            warnings.warn(
+                f"grpo_fix: torch.compile of {fn.__name__} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "this loss configuration runs the eager math from now on (same results, more kernel "
+                "launches). Pass compile_math=False to skip compiling.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return fn(cfg, *args)
