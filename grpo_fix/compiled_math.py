@@ -13,6 +13,10 @@ stay vocabulary-only (see ``grpo_fix.kernels``).
 - ``"auto"`` (default): compiled for CUDA tensors, eager otherwise (CPU, the Triton interpreter);
 - ``True`` / ``False``: always / never.
 
+torch's own ``TORCH_COMPILE_DISABLE=1`` turns it off everywhere (the escape hatch where an
+integration has no field for it, e.g. verl's policy-loss config); ``GRPOFixConfig`` has
+``loss_compile_math``.
+
 Each (math function, configuration) gets one ``torch.compile(dynamic=True)`` wrapper, so batch
 and sequence lengths change without recompiling; Dynamo still specialises on grad mode, on which
 optional inputs are ``None`` and on a size threshold of its reduction heuristics, about 2-6

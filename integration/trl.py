@@ -98,6 +98,8 @@ LOSS_TYPES: dict[str, str] = {
 }
 OPTIMIZERS = ("clip_aware_adamw", "adamw")
 LOSS_KERNELS = ("auto", "linear", "torch")
+#: ``GRPOFixConfig.loss_compile_math`` -> the ``compile_math`` of the grpo_fix loss entry points.
+LOSS_COMPILE_MATH = {"auto": "auto", "always": True, "never": False}
 
 #: Key of the per-micro-batch tensor ``(num_iterations,)`` float64 holding, for each replay of the
 #: buffered micro-batch, the global valid-token count of the optimizer window it belongs to.
@@ -172,6 +174,8 @@ class GRPOFixConfig(GRPOConfig):
             that ``clip_aware_alpha_init=None`` warm-starts at 0.1 when rollouts are replayed).
         loss_kernel: ``"auto"`` (default: grpo_fix's logits-free Triton loss when the model is on
             CUDA, else TRL's fused log-probs + the torch loss), ``"linear"`` or ``"torch"``.
+        loss_compile_math: ``"auto"`` (default: the loss's per-token math under ``torch.compile``
+            on CUDA), ``"always"`` or ``"never"`` (see :mod:`grpo_fix.compiled_math`).
     """
 
     loss_type: str = field(
@@ -200,6 +204,11 @@ class GRPOFixConfig(GRPOConfig):
         metadata={"help": f"One of {LOSS_KERNELS}: 'linear' = grpo_fix's logits-free Triton loss (hidden + lm_head "
                   "in, loss out), 'torch' = TRL's fused log-probs + the torch loss, 'auto' = linear on CUDA."},
     )
+    loss_compile_math: str = field(
+        default="auto",
+        metadata={"help": f"One of {tuple(LOSS_COMPILE_MATH)}: the loss's per-token math under torch.compile "
+                  "('auto' = on CUDA)."},
+    )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -211,6 +220,10 @@ class GRPOFixConfig(GRPOConfig):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.loss_kernel not in LOSS_KERNELS:
             raise ValueError(f"unknown loss_kernel {self.loss_kernel!r}; choose one of {LOSS_KERNELS}")
+        if self.loss_compile_math not in LOSS_COMPILE_MATH:
+            raise ValueError(
+                f"unknown loss_compile_math {self.loss_compile_math!r}; choose one of {tuple(LOSS_COMPILE_MATH)}"
+            )
         if self.loss_type == "uniform" and self.importance_sampling_level != "token":
             raise ValueError(
                 f"loss_type='uniform' needs token-level importance ratios, got importance_sampling_level="
@@ -315,7 +328,8 @@ class GRPOFixTrainer(GRPOTrainer):
                 f"GRPOFixTrainer needs args=GRPOFixConfig(...) (a trl.GRPOConfig subclass), got {type(a).__name__}"
             )
         super().__init__(*args, **kwargs)
-        self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args))
+        self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args),
+                                            compile_math=LOSS_COMPILE_MATH[self.args.loss_compile_math])
         self._gf_linear = self._use_linear_kernel()
         if self._gf_linear:
             _install_linear_loss_forward(self.model)
@@ -632,6 +646,7 @@ class GRPOFixTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         if linear:
             kernel_kwargs = {k: v for k, v in loss_kwargs.items() if k != "completion_ids"}
+            kernel_kwargs["compile_math"] = self.surrogate.compile_math
             loss, out = self._linear_kernel_loss(model, input_ids, attention_mask, completion_ids, old,
                                                  inputs["advantages"], mask, kernel_kwargs)
         else:

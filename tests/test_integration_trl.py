@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -361,6 +362,29 @@ def test_linear_kernel_trains(tmp_path, tok):
 def test_auto_kernel_is_torch_on_cpu(tmp_path, tok):
     trainer = make_trainer(tmp_path, tok)
     assert trainer.args.loss_kernel == "auto" and trainer._gf_linear is False
+    assert trainer.surrogate.compile_math == "auto"  # eager on CPU tensors
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor's CPU backend needs g++")
+def test_loss_compile_math_always_equals_never(tmp_path, tok, patch_generation):
+    """The loss's math compiled inside a TRL training window gives the eager gradients."""
+    patch_generation(fixed_generation(tok, n_rows=8, seed=5))
+    torch._dynamo.reset()
+    res = {}
+    for choice in ("always", "never"):
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / choice, tok, loss_compile_math=choice, per_device_train_batch_size=4,
+                               gradient_accumulation_steps=2)
+        assert trainer.surrogate.compile_math is (choice == "always")
+        res[choice] = run_window(trainer, 2)
+        if choice == "always":
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    (l_c, g_c), (l_e, g_e) = res["always"], res["never"]
+    assert abs(l_c - l_e) < 1e-6
+    for n in g_e:
+        torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="loss_compile_math"):
+        make_args(tmp_path, loss_compile_math="sometimes")
 
 
 # ------------------------------------------------------------------------------------------------
