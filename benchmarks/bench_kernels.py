@@ -18,11 +18,13 @@ Sections (issue 5):
 - logits path, bf16 logits ``(B, T + 1, V)``: (8, 1024, 32000), (8, 2048, 151936), (8, 4096, 151936):
   a logits copy (one read + one write, bandwidth reference), TRL-style eager loss
   (``log_softmax(logits.float() / T).gather``), ``torch.compile`` of it, Liger 0.8.5
-  ``triton_grpo_loss`` (when importable), ours (``logits_surrogate_loss``, in-place backward).
+  ``triton_grpo_loss`` (when importable), ours (``logits_surrogate_loss``, in-place backward;
+  as shipped, i.e. the per-token math compiled on CUDA, and with ``compile_math=False``).
 - logits-free path, 16k tokens (B = 8, T = 2048), H = 4096 and 2048, V = 151936, bf16: the three
   lm_head GEMMs alone (the floor; also on the valid tokens only), materialised logits + ours,
   materialised logits + Liger ``triton_grpo_loss``, Liger ``LigerFusedLinearGRPOLoss``, TRL 1.16
-  ``ChunkedLogProbFunction`` + TRL's loss, ours (``linear_surrogate_loss``).
+  ``ChunkedLogProbFunction`` + TRL's loss, ours (``linear_surrogate_loss``, chunks of 4096 and
+  8192 tokens, and 4096 with ``compile_math=False``).
 
 Without CUDA (and without ``--smoke-cpu``) it prints a message and exits 0 without writing results.
 """

@@ -8,6 +8,7 @@ the interpreter; on a GPU machine run them with ``TRITON_INTERPRET=0 pytest test
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from grpo_fix.kernels import (
 )
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+#: The oracle: grpo_fix's torch loss with the eager math (the kernel paths compile it on CUDA).
+oracle_loss = functools.partial(surrogate_loss, compile_math=False)
 BETA_PRESETS = ("grpo_r1", "dapo", "uniform", "gspo")  # beta > 0 + ref_logp for these
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -106,7 +109,7 @@ def run_logits_pair(cfg, d, *, temperature=1.0, inplace=True, use_ref=False, dty
     base = d["logits"].to(dtype)
     # oracle on the same (upcast) values
     z_ref = base.float().clone().requires_grad_(True)
-    ref = surrogate_loss(
+    ref = oracle_loss(
         cfg, oracle_logp(z_ref, d["ids"], temperature), d["old"], d["adv"], d["mask"],
         group_size=d["G"], completion_ids=d["ids"], ref_logp=ref_logp, **kw,
     )
@@ -355,7 +358,7 @@ def run_linear_pair(cfg, d, *, chunk_tokens, temperature=1.0, use_ref=False, use
     W_r = d["weight"].float().clone().requires_grad_(not frozen)
     b_r = d["bias"].float().clone().requires_grad_(True) if use_bias else None
     z = h_r @ W_r.t() + (b_r if use_bias else 0)
-    ref = surrogate_loss(cfg, oracle_logp(z, d["ids"], temperature), d["old"], d["adv"], d["mask"],
+    ref = oracle_loss(cfg, oracle_logp(z, d["ids"], temperature), d["old"], d["adv"], d["mask"],
                          group_size=d["G"], completion_ids=d["ids"], ref_logp=ref_logp)
     ref.loss.backward()
     h = d["hidden"].clone().requires_grad_(True)
@@ -509,7 +512,7 @@ def test_gpu_bf16_numerics_logits_and_linear():
     with torch.no_grad():
         old = oracle_logp(z32, ids) + 0.1 * torch.randn(B, T, device=dev)
     zr = z32.clone().requires_grad_(True)
-    ref = surrogate_loss(PRESETS["dapo"], oracle_logp(zr, ids), old, adv, mask, group_size=G, completion_ids=ids)
+    ref = oracle_loss(PRESETS["dapo"], oracle_logp(zr, ids), old, adv, mask, group_size=G, completion_ids=ids)
     ref.loss.backward()
     zb = z32.bfloat16().requires_grad_(True)
     out = logits_surrogate_loss("dapo", zb * 1, ids, old, adv, mask, group_size=G)
@@ -520,7 +523,7 @@ def test_gpu_bf16_numerics_logits_and_linear():
     h = torch.randn(B, T, H, device=dev)
     W = torch.randn(V, H, device=dev) / H**0.5
     hr, Wr = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-    ref = surrogate_loss(PRESETS["dapo"], oracle_logp(hr @ Wr.t(), ids), old, adv, mask, group_size=G)
+    ref = oracle_loss(PRESETS["dapo"], oracle_logp(hr @ Wr.t(), ids), old, adv, mask, group_size=G)
     ref.loss.backward()
     hb, Wb = h.bfloat16().requires_grad_(True), W.bfloat16().requires_grad_(True)
     out = linear_surrogate_loss("dapo", hb, Wb, ids, old, adv, mask, group_size=G, chunk_tokens=512)
@@ -567,7 +570,7 @@ def pad_ref(x, d, fill=0):
 
 
 def packed_oracle(cfg, d, z, use_ref):
-    return surrogate_loss(
+    return oracle_loss(
         cfg, pad_ref(oracle_logp(z, d["ids"]), d), pad_ref(d["old"], d), d["adv"], pad_ref(d["mask"], d, False),
         group_size=d["G"], completion_ids=pad_ref(d["ids"], d), ref_logp=pad_ref(d["ref"], d) if use_ref else None,
     )
@@ -626,7 +629,7 @@ def test_accepts_loss_module_and_preset_name():
                  completion_ids=d["ids"], ref_logp=d["ref"])
     assert_outputs_close(out_mod, ref)
     out_name = logits_surrogate_loss("dapo", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])
-    ref = surrogate_loss(PRESETS["dapo"], oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"],
+    ref = oracle_loss(PRESETS["dapo"], oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"],
                          group_size=d["G"], completion_ids=d["ids"])
     assert_outputs_close(out_name, ref)
     with pytest.raises(ValueError, match="preset"):
