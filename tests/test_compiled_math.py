@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -131,3 +133,25 @@ def test_compile_choice():
     with pytest.raises(ValueError, match="compile_math"):
         logits_surrogate_loss("dapo", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=None,
                               compile_math="always")
+
+
+def test_no_cxx_compiler_falls_back_with_a_warning(tmp_path):
+    """A real compiler failure (Inductor's CPU backend with no working C++ compiler, a fresh
+    cache) takes the fallback: one RuntimeWarning, the eager result."""
+    code = """
+import warnings, torch
+from grpo_fix import PRESETS, surrogate_loss
+lp = (-torch.rand(4, 6, generator=torch.Generator().manual_seed(0))).requires_grad_()
+args = (lp, lp.detach() - 0.1, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, 6, dtype=torch.bool))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = surrogate_loss(PRESETS["dapo"], *args, group_size=None, compile_math=True)
+ref = surrogate_loss(PRESETS["dapo"], *args, group_size=None, compile_math=False)
+ours = [str(w.message) for w in caught if "grpo_fix" in str(w.message)]
+assert len(ours) == 1 and "runs the eager math" in ours[0], ours
+assert torch.equal(out.loss, ref.loss)
+print("fallback ok")
+"""
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
