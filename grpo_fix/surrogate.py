@@ -113,7 +113,8 @@ class GroupSurrogateLoss(nn.Module):
         self.compile_math = compile_math
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
+        settings = {**self.config.as_dict(), "backend": self.backend, "compile_math": self.compile_math}
+        return ", ".join(f"{k}={v!r}" for k, v in settings.items())
 
     def forward(
         self,
