@@ -1,4 +1,4 @@
-"""The ``grpo-fix`` command: ``demo``, ``experiment {prefix-bias,reward-scale,overshoot}``, ``bench``."""
+"""The ``grpo-fix`` command: ``demo``, ``experiment {prefix-bias,reward-scale,overshoot,lr-robustness}``, ``bench``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "prefix-bias": "grpo_fix.experiments.prefix_bias",
     "reward-scale": "grpo_fix.experiments.reward_scale",
     "overshoot": "grpo_fix.experiments.overshoot",
+    "lr-robustness": "grpo_fix.experiments.lr_robustness",
 }
 BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py", "bench_train_step.py")
 

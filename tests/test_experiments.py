@@ -49,6 +49,29 @@ def test_overshoot_experiment_runs_and_mu1_is_on_policy(tmp_path):
     assert (tmp_path / "overshoot.png").stat().st_size > 1000 and "| mu |" in (tmp_path / "overshoot.md").read_text()
 
 
+def test_lr_robustness_statistics_and_smoke(tmp_path):
+    from grpo_fix.cli import main
+    from grpo_fix.experiments.lr_robustness import comparisons, fisher_one_sided, wilson_interval
+
+    low, high = wilson_interval(0, 32)
+    assert low == 0.0 and high == pytest.approx(3.8415 / 35.8415, rel=1e-4)
+    low, high = wilson_interval(16, 32)
+    assert low == pytest.approx(1 - high) and 0.33 < low < 0.34
+    # 4 of 48 vs 0 of 48: P(X >= 4) = C(48,4) / C(96,4); equal rates give p = 1 at k = 0
+    assert fisher_one_sided(4, 48, 0, 48) == pytest.approx(194580 / 3321960)
+    assert fisher_one_sided(0, 10, 0, 10) == 1.0 and fisher_one_sided(3, 10, 3, 10) > 0.5
+    rows = [dict(lr=0.1, optimizer="adamw", runs=10, collapses=5), dict(lr=0.1, optimizer="clip_aware", runs=10,
+                                                                        collapses=0)]
+    (t,) = comparisons(rows)
+    assert t["collapses"] == "0/10 vs 5/10" and t["fisher_p_one_sided"] == pytest.approx(fisher_one_sided(5, 10, 0, 10))
+
+    assert main(["experiment", "lr-robustness", "--lrs", "0.01", "--seeds", "1", "--rollouts", "2", "--out",
+                 str(tmp_path), "--quiet"]) == 0
+    data = json.loads((tmp_path / "lr_robustness.json").read_text())
+    assert {r["optimizer"] for r in data["rows"]} == {"adamw", "clip_aware"} and len(data["runs"]) == 2
+    assert "Fisher" in (tmp_path / "lr_robustness.md").read_text()
+
+
 def test_demo_command_runs(tmp_path):
     from grpo_fix.cli import main
 
