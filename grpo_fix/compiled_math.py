@@ -39,6 +39,7 @@ _FAILED: set = set()
 
 
 def check_compile_choice(compile_math) -> None:
+    """Raise ``ValueError`` unless ``compile_math`` is ``"auto"``, ``True`` or ``False``."""
     if compile_math not in COMPILE_CHOICES or isinstance(compile_math, int) and not isinstance(compile_math, bool):
         raise ValueError(f"compile_math must be 'auto', True or False, got {compile_math!r}")
 
@@ -66,8 +67,9 @@ def run_math(fn: Callable, cfg, compiled: bool, *args):
             return _compiled(fn, cfg)(*args)
         except torch._dynamo.exc.TorchDynamoException as e:
             _FAILED.add((fn, cfg))
+            first_line = (str(e).splitlines() or [""])[0]
             warnings.warn(
-                f"grpo_fix: torch.compile of {fn.__name__} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"grpo_fix: torch.compile of {fn.__name__} failed ({type(e).__name__}: {first_line}); "
                 "this loss configuration runs the eager math from now on (same results, more kernel "
                 "launches). Pass compile_math=False to skip compiling.",
                 RuntimeWarning,
