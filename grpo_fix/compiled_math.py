@@ -17,11 +17,12 @@ torch's own ``TORCH_COMPILE_DISABLE=1`` turns it off everywhere (the escape hatc
 integration has no field for it, e.g. verl's policy-loss config); ``GRPOFixConfig`` has
 ``loss_compile_math``.
 
-Each (math function, configuration) gets one ``torch.compile(dynamic=True)`` wrapper, so batch
-and sequence lengths change without recompiling; Dynamo still specialises on grad mode, on which
-optional inputs are ``None`` and on a size threshold of its reduction heuristics, about 2-6
-graphs per configuration in a training run, within Dynamo's default recompile limit of 8 (past
-it Dynamo itself falls back to eager, with its own warning).  If compiling raises (a Dynamo or
+Each (math function, configuration) gets one ``torch.compile(dynamic=True)`` wrapper on its own
+copy of the function's code, so batch and sequence lengths change without recompiling and each
+configuration has its own Dynamo cache.  Dynamo still specialises on grad mode, on which
+optional inputs are ``None`` and on a size threshold of its reduction heuristics: about 2-6
+graphs per configuration in a training run, within Dynamo's recompile limit of 8 per code
+object (past it Dynamo itself falls back to eager, with its own warning).  If compiling raises (a Dynamo or
 Inductor error: an unsupported torch build, no C++ compiler on a CPU host), the configuration
 warns once and runs eagerly from then on: the eager math is the same code, so only speed changes.
 """
@@ -29,6 +30,7 @@ warns once and runs eagerly from then on: the eager math is the same code, so on
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from typing import Callable
 
@@ -54,7 +56,18 @@ def use_compiled(compile_math, t: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable, cfg) -> Callable:
-    return torch.compile(functools.partial(fn, cfg), dynamic=True)
+    """``torch.compile(dynamic=True)`` of a private copy of ``fn`` for ``cfg`` (call it with ``cfg``).
+
+    Dynamo keeps its graphs, guards and recompile limit per code object; with one shared code
+    object, a process that uses several configurations (tests, a sweep) would spend one budget of
+    8 recompiles on all of them and quietly run the later ones eagerly.  The copy differs only in
+    its name (``policy_math[3]``: the 4th configuration compiled in this process).  It is compiled
+    as a plain function: ``torch.compile`` of a ``functools.partial`` goes through one shared
+    wrapper frame, which would share the budget again.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__name__}[{_compiled.cache_info().currsize}]")
+    private = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(private, dynamic=True)
 
 
 def run_math(fn: Callable, cfg, compiled: bool, *args):
@@ -64,7 +77,7 @@ def run_math(fn: Callable, cfg, compiled: bool, *args):
     """
     if compiled and not torch.compiler.is_compiling() and (fn, cfg) not in _FAILED:
         try:
-            return _compiled(fn, cfg)(*args)
+            return _compiled(fn, cfg)(cfg, *args)
         except torch._dynamo.exc.TorchDynamoException as e:
             _FAILED.add((fn, cfg))
             first_line = (str(e).splitlines() or [""])[0]

@@ -155,3 +155,19 @@ print("fallback ok")
     env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_cxx
+def test_each_configuration_compiles_on_its_own_budget():
+    """Ten configurations in one process: every one compiles (a shared code object would hit
+    Dynamo's recompile limit of 8 and run the last ones eagerly)."""
+    d = make_batch(B=6, T=3, seed=9)
+    for i in range(10):
+        cfg = cfg_for("dapo", 0.0).replace(eps_high=0.2 + 0.01 * i)
+        before = _graphs()
+        out, grad = _loss_and_grad(cfg, d, True, False)
+        assert _graphs() > before, f"configuration {i} was not compiled"
+        ref, grad_ref = _loss_and_grad(cfg, d, False, False)
+        assert_outputs_close(out, ref, TIGHT)
+        torch.testing.assert_close(grad, grad_ref, **TIGHT)
+    assert cm._compiled.cache_info().currsize == 10
