@@ -379,18 +379,31 @@ class GRPOFixTrainer(GRPOTrainer):
         finally:
             self.optimizer_cls_and_kwargs = saved
 
-    def clip_aware_optimizer(self):
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """HF's scheduler; under DeepSpeed, also attach ClipAwareAdamW to the engine right away.
+
+        The Trainer creates the scheduler after ``accelerator.prepare`` built the engine and
+        before it loads a ``resume_from_checkpoint``; attaching here installs
+        :func:`grpo_fix.integration.deepspeed.attach_deepspeed`'s repair of DeepSpeed's ZeRO-3
+        universal-checkpoint loading before that load (otherwise the first window attaches)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if getattr(self, "is_deepspeed_enabled", False) and wrapped is not None:
+            self.clip_aware_optimizer(engine=wrapped.engine)
+        return scheduler
+
+    def clip_aware_optimizer(self, engine=None):
         """The optimizer object that actually steps: ``engine.basic_optimizer`` under DeepSpeed,
         else ``self.optimizer`` unwrapped from accelerate's ``AcceleratedOptimizer``.  Asserts it is
         a ClipAwareAdamW when ``optimizer="clip_aware_adamw"``; returns None for ``"adamw"`` or
-        before the optimizer exists."""
+        before the optimizer exists.  ``engine``: the DeepSpeed engine (default ``model_wrapped``)."""
         if self._gf_optimizer is not None:
             return self._gf_optimizer
         if self.args.optimizer != "clip_aware_adamw" or self.optimizer is None:
             return None
         from grpo_fix.clip_aware_adamw import ClipAwareAdamW
 
-        engine = getattr(self, "model_wrapped", None)
+        engine = engine if engine is not None else getattr(self, "model_wrapped", None)
         is_ds = getattr(self, "is_deepspeed_enabled", False) and hasattr(engine, "basic_optimizer")
         if is_ds:
             opt = engine.basic_optimizer

@@ -480,6 +480,9 @@ def test_trl_deepspeed_two_ranks(stage, tmp_path):
         assert len(r["observed"]) == 3
         assert [o["rollout_start"] for o in r["observed"]] == [True, False, True]
         assert all(math.isfinite(x) for x in r["losses"])
+        # attached when the scheduler was created, i.e. before a resume checkpoint would load; at
+        # ZeRO-3 with load_universal the engine's load_checkpoint is then the repairing one
+        assert r["attached_at_train_begin"] and r["load_repair_installed"] == (stage == 3), r
     k0 = [o["kappa"] for o in reports[0]["observed"]]
     k1 = [o["kappa"] for o in reports[1]["observed"]]
     assert k0 == k1

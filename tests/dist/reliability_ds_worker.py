@@ -61,6 +61,10 @@ def make_engine(stage: int, seed: int, load_universal: bool = False, mb: int = M
         "checkpoint": {"load_universal": load_universal},
     })
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    if os.environ.get("GRPO_FIX_TEST_NO_UNIVERSAL_REPAIR"):  # the test that shows what the repair fixes
+        import grpo_fix.integration.deepspeed as gds
+
+        gds._repair_zero3_universal_loads = lambda engine, optimizer: None
     attach_deepspeed(opt, engine)
     return engine, model, opt
 
@@ -174,11 +178,8 @@ def resume_universal(stage: int, ckpt: str, ref: dict, rank: int, world: int):
     assert path is not None, path
     alpha_loaded = [float(g["ca_alpha"]) for g in opt.param_groups]
     wd_loaded = [float(g["weight_decay"]) for g in opt.param_groups]
-    # DeepSpeed 0.19.8 ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
-    # copies the SAVED FIRST param group's hyperparameters into EVERY group: the no-decay group gets
-    # weight_decay 0.1.  Workaround (what a user must do too): re-apply per-group hyperparameters.
-    for g, wd in zip(opt.param_groups, [pg["weight_decay"] for pg in param_groups(model)]):
-        g["weight_decay"] = wd
+    # (DeepSpeed 0.19.8's ZeRO-3 universal loader breaks the step counts and per-group
+    # hyperparameters; attach_deepspeed repairs both, so nothing is re-applied here)
     train(eng, opt, range(K, STEPS), rank, world, as_world=as_world)
     pb = full_params(model, stage)
     pa = [torch.tensor(x) for x in ref["final_params"]]

@@ -84,6 +84,8 @@ def main() -> None:
         "gradient_clipping": "auto",
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": False},
+        # no checkpoint is loaded; at ZeRO-3 this makes attach_deepspeed install its load repair
+        "checkpoint": {"load_universal": stage == 3},
     }
     args = GRPOFixConfig(
         output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel,
@@ -92,6 +94,17 @@ def main() -> None:
     trainer = GRPOFixTrainer(
         model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
     )
+    from transformers import TrainerCallback
+
+    at_train_begin = {}
+
+    class AttachedBeforeTraining(TrainerCallback):  # runs after the Trainer's resume-checkpoint load
+        def on_train_begin(self, args, state, control, **kwargs):
+            opt = trainer._gf_optimizer
+            at_train_begin["attached"] = opt is not None and getattr(opt, "_deepspeed", None) is not None
+            at_train_begin["load_repaired"] = "load_checkpoint" in vars(trainer.accelerator.deepspeed_engine_wrapped.engine)
+
+    trainer.add_callback(AttachedBeforeTraining())
     trainer.train()
 
     engine = trainer.model_wrapped
@@ -119,6 +132,8 @@ def main() -> None:
         "step_calls": calls["step"],
         "observed": observed,
         "params_changed": changed,
+        "attached_at_train_begin": at_train_begin.get("attached"),
+        "load_repair_installed": at_train_begin.get("load_repaired"),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "logged_kappa": [h.get("clip_aware/kappa") for h in trainer.state.log_history if "loss" in h],
     }
