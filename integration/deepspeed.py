@@ -25,6 +25,10 @@ so all of these give the non-distributed result, provided every rank observes th
 all-reduce it once per window over the data-parallel group (``signal.all_reduce(group)``),
 outside ``step()``.  Backtracking needs the stepped tensors to be the model's parameters, which
 holds only without ZeRO in fp32; :func:`attach_deepspeed` refuses it otherwise.
+
+Universal checkpoints (``checkpoint.load_universal``) at ZeRO-3: call :func:`attach_deepspeed`
+before ``engine.load_checkpoint``; it repairs two bugs of DeepSpeed 0.19.8's loader that made the
+resumed run diverge (see :func:`_repair_zero3_universal_loads`).
 """
 
 from __future__ import annotations
