@@ -138,7 +138,7 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
     }
     if refuse and optimizer.backtrack:
         raise ValueError(refuse)
-    if stage == 3 and engine.load_universal_checkpoint():
+    if stage == 3 and getattr(engine, "load_universal_checkpoint", lambda: False)():
         _repair_zero3_universal_loads(engine, optimizer)
     return optimizer
 
