@@ -433,7 +433,7 @@ def test_deepspeed_zero3_universal_load_is_repaired(ds_universal):
     """DeepSpeed 0.19.8's ZeRO-3 universal loader shares one ``step`` tensor between the fp32
     sub-group partitions (Adam's step then advances once per sub-group) and copies the first
     group's hyperparameters into every group; ``attach_deepspeed`` repairs both, which is what
-    makes the ZeRO-3 case of the test above exact.  Here: without the repair the same resume is
+    makes the ZeRO-3 case of the test above exact.  Here: without the repair the same resume
     ends 1.2e-3 away (so the repair is what the test above measures)."""
     assert ds_universal[3]["param_diff"] <= 1e-6
     d = ds_universal["_dir"]
