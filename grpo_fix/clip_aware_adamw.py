@@ -28,10 +28,17 @@ for every ``step()`` call until the next ``observe``.
    the unclipped share of the advantage-gradient mass (1 without a signal).  Nothing clipped:
    exactly AdamW.  Everything clipped: the carried momentum is dropped, so the residual step of
    Prop. 3 is exactly zero (the mechanism of Eq. 29 is removed, not damped); a partly clipped
-   window scales the residual by ``kappa``.  ``v`` is untouched.
+   window scales the residual by ``kappa``.  ``v`` is untouched.  A window that has tokens but
+   no advantage-gradient mass at all (every advantage 0: a converged batch, constant-reward
+   groups) gets ``kappa = 0``: its policy-gradient is exactly zero, so a step would be carried
+   momentum alone, Prop. 3's drift with no signal behind it (ours; on the toy task such windows
+   come once the policy has converged, and AdamW's drift through them is what collapsed the
+   occasional converged run, see ``benchmarks/results/lr_robustness.md``).  A signal with no
+   tokens (``TrustRegionSignal.zeros()``: nothing measured) keeps ``kappa = 1``.
 2. **trust-region controller** (free, on by default): a step multiplier ``alpha`` in (0, 1]
    updated once per window at ``observe``: if ``f > tau`` (default 0.05): ``alpha *= shrink``
-   (0.5), else ``alpha = min(1, grow * alpha)`` (1.25).  Optional **warm start**: before the
+   (0.5), else ``alpha = min(1, grow * alpha)`` (1.25), except that a window without eligible
+   tokens (no non-zero advantage, so no overshoot could be measured) leaves alpha unchanged.  Optional **warm start**: before the
    first observed window alpha is ``alpha_init`` (default 1.0; 0.1 then grows by ``grow`` per
    window without overshoot, about ten windows to 1), because the largest excursion of an
    off-policy run is its very first replay, caused by a step taken before anything was measured
@@ -313,8 +320,10 @@ class ClipAwareAdamW(torch.optim.AdamW):
                 group["ca_invalid"] = True
             return
 
-        kappa = float(signal.kappa) if self.gate else 1.0
+        massless = float(signal.num_tokens) > 0 and float(signal.total_mass) == 0.0
+        kappa = (0.0 if massless else float(signal.kappa)) if self.gate else 1.0
         f = float(signal.overshoot_fraction)
+        informative = float(signal.num_eligible) > 0
         shrunk = False
         for group in self.param_groups:
             group["ca_invalid"] = False
@@ -331,7 +340,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
                 if f > self.tau:
                     a *= self.shrink
                     shrunk = True
-                else:
+                elif informative:
                     a = min(1.0, self.grow * a)
                 group["ca_alpha"] = a
         if shrunk and self.shrink_momentum:

@@ -150,6 +150,39 @@ def test_prop3_partly_clipped_scales_residual_by_kappa(T):
         assert steps[T - 1 + k] / pre == pytest.approx(0.5 ** (k + 1) * c_tk(b1, b2, T, k), rel=0.01)
 
 
+def test_window_without_advantage_signal_drops_momentum_and_holds_alpha():
+    """Tokens but no advantage-gradient mass (every advantage 0: converged or constant-reward
+    groups): the loss gradient is exactly zero, so any step would be carried momentum alone, i.e.
+    Prop. 3's drift with no signal behind it.  The gate latches kappa = 0 (no movement) and the
+    controller holds alpha (no overshoot measurement).  A window with no tokens at all
+    (``TrustRegionSignal.zeros()``) keeps kappa = 1: nothing was measured, AdamW's behaviour."""
+    t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+    massless = TrustRegionSignal(t(0), t(0), t(48), t(0), t(0), t(0), t(0))
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = ClipAwareAdamW([p], lr=1e-2, weight_decay=0.0)
+    adamw = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):  # build momentum
+        g = torch.randn(5)
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.observe(sig())
+        opt.step()
+        adamw.step()
+    opt.observe(sig(overshoot=30))  # alpha 0.5
+    alpha = opt.alpha
+    opt.observe(massless)
+    assert opt.alpha == alpha and opt.last_stats["kappa"] == 0.0
+    before, ref_before = p.detach().clone(), ref.detach().clone()
+    p.grad, ref.grad = torch.zeros(5), torch.zeros(5)
+    opt.step()
+    adamw.step()
+    assert torch.equal(p.detach(), before)  # no drift
+    assert (ref.detach() - ref_before).abs().max() > 1e-3  # AdamW drifts on stale momentum
+    opt.observe(TrustRegionSignal.zeros())
+    assert opt.last_stats["kappa"] == 1.0 and opt.alpha == alpha
+
+
 # --------------------------------------------------------------------------------------------
 # controller
 # --------------------------------------------------------------------------------------------
