@@ -138,16 +138,21 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
     }
     if refuse and optimizer.backtrack:
         raise ValueError(refuse)
-    if stage == 3 and getattr(engine, "load_universal_checkpoint", lambda: False)():
-        _repair_zero3_universal_loads(engine, optimizer)
+    zero3 = getattr(engine, "optimizer", None)
+    if stage == 3 and hasattr(zero3, _ZERO3_UNIVERSAL_LOADER):
+        _repair_zero3_universal_loads(zero3, optimizer)
     return optimizer
 
 
-def _repair_zero3_universal_loads(engine: Any, optimizer: Any) -> None:
-    """Make ``engine.load_checkpoint`` of a ZeRO-3 universal checkpoint restore the optimizer exactly.
+#: The method of DeepSpeed's ZeRO-3 optimizer that loads a universal checkpoint's optimizer state.
+_ZERO3_UNIVERSAL_LOADER = "load_hp_checkpoint_state_from_checkpoint_dir_stage3"
 
-    DeepSpeed 0.19.8's ZeRO-3 universal loader (``stage3.py``,
-    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) has two bugs:
+
+def _repair_zero3_universal_loads(zero3: Any, optimizer: Any) -> None:
+    """Make ZeRO-3 universal-checkpoint loads restore ``optimizer`` exactly.
+
+    DeepSpeed 0.19.8's loader (``stage3.py``, ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``,
+    called by ``engine.load_checkpoint`` with ``checkpoint.load_universal``) has two bugs:
 
     - it stores ONE ``step`` tensor object as the state of every fp32 sub-group partition, and
       torch's Adam increments ``state["step"]`` in place, so after the load every engine step
@@ -155,31 +160,24 @@ def _repair_zero3_universal_loads(engine: Any, optimizer: Any) -> None:
     - it copies the saved FIRST param group's hyperparameters into every group (a no-decay group
       comes back with the first group's ``weight_decay``; also our per-group controller state).
 
-    After the engine's own load this gives every partition its own ``step`` tensor and re-applies
-    each saved group's hyperparameters from the checkpoint's ``zero/optimizer_state.pt``.  Both
-    are idempotent, so a DeepSpeed that fixes the bugs is left unchanged.
+    The loader is wrapped on the ZeRO-3 optimizer ``zero3``: after it ran, every partition gets
+    its own ``step`` tensor and each saved group's hyperparameters are re-applied from the
+    checkpoint's ``zero/optimizer_state.pt``.  Both are idempotent, so a DeepSpeed that fixes the
+    bugs is left unchanged.
     """
     import os
 
     import torch
 
-    original = engine.load_checkpoint
+    original = getattr(zero3, _ZERO3_UNIVERSAL_LOADER)
 
-    def load_checkpoint(load_dir, tag=None, *args, load_optimizer_states=True, load_module_only=False, **kwargs):
-        if tag is None:
-            latest = os.path.join(load_dir, "latest_universal")
-            if os.path.isfile(latest):
-                with open(latest) as fd:
-                    tag = fd.read().strip()
-        out = original(load_dir, tag, *args, load_optimizer_states=load_optimizer_states,
-                       load_module_only=load_module_only, **kwargs)
-        if out[0] is None or not load_optimizer_states or load_module_only:
-            return out
-        for flat in engine.optimizer.fp32_partitioned_groups_flat:
+    def load(checkpoint_dir, *args, **kwargs):
+        out = original(checkpoint_dir, *args, **kwargs)
+        for flat in zero3.fp32_partitioned_groups_flat:
             state = optimizer.state.get(flat, {})
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-        path = os.path.join(load_dir, str(tag), "zero", "optimizer_state.pt")
+        path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
         saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
         if len(saved) != len(optimizer.param_groups):
             raise RuntimeError(f"{path} has {len(saved)} param groups, the optimizer {len(optimizer.param_groups)}")
@@ -187,4 +185,4 @@ def _repair_zero3_universal_loads(engine: Any, optimizer: Any) -> None:
             group.update({k: v for k, v in saved_group.items() if k != "params"})
         return out
 
-    engine.load_checkpoint = load_checkpoint
+    setattr(zero3, _ZERO3_UNIVERSAL_LOADER, load)

@@ -481,7 +481,7 @@ def test_trl_deepspeed_two_ranks(stage, tmp_path):
         assert [o["rollout_start"] for o in r["observed"]] == [True, False, True]
         assert all(math.isfinite(x) for x in r["losses"])
         # attached when the scheduler was created, i.e. before a resume checkpoint would load; at
-        # ZeRO-3 with load_universal the engine's load_checkpoint is then the repairing one
+        # ZeRO-3 the universal-checkpoint loader is then the repairing one
         assert r["attached_at_train_begin"] and r["load_repair_installed"] == (stage == 3), r
     k0 = [o["kappa"] for o in reports[0]["observed"]]
     k1 = [o["kappa"] for o in reports[1]["observed"]]

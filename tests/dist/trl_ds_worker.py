@@ -84,8 +84,6 @@ def main() -> None:
         "gradient_clipping": "auto",
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": False},
-        # no checkpoint is loaded; at ZeRO-3 this makes attach_deepspeed install its load repair
-        "checkpoint": {"load_universal": stage == 3},
     }
     args = GRPOFixConfig(
         output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel,
@@ -102,7 +100,8 @@ def main() -> None:
         def on_train_begin(self, args, state, control, **kwargs):
             opt = trainer._gf_optimizer
             at_train_begin["attached"] = opt is not None and getattr(opt, "_deepspeed", None) is not None
-            at_train_begin["load_repaired"] = "load_checkpoint" in vars(trainer.accelerator.deepspeed_engine_wrapped.engine)
+            zero = trainer.accelerator.deepspeed_engine_wrapped.engine.optimizer
+            at_train_begin["load_repaired"] = "load_hp_checkpoint_state_from_checkpoint_dir_stage3" in vars(zero)
 
     trainer.add_callback(AttachedBeforeTraining())
     trainer.train()
