@@ -26,11 +26,10 @@ import functools
 import torch
 
 from grpo_fix.compiled_math import run_math, use_compiled
-from grpo_fix.prefix import prefix_classes
 from grpo_fix.surrogate import SurrogateOutput, surrogate_loss, token_advantages, token_loss, window_alpha
 from grpo_fix.validation import check_shapes
 
-from .logits_loss import PackedLayout, resolve_loss_config
+from .logits_loss import PackedLayout, prefix_classes_before_launch, resolve_loss_config
 from .logprob import SUPPORTED_LOGIT_DTYPES, check_device, logprob_backward, logprob_forward
 
 TOKEN_LOCAL_RATIOS = ("token", "sg_logp", "logp")
@@ -226,9 +225,9 @@ def _forward_chunks(hidden, weight, bias, st):
 
     with torch.no_grad():
         out = surrogate_loss(
-            cfg, logp_flat.view(B, T), st["old_logp_in"], st["advantages"], st["mask"],
+            cfg, logp_flat.view(B, T), old, st["advantages"], st["mask"],
             group_size=st["group_size"], completion_ids=st["ids"] if st["group_size"] is not None else None,
-            ref_logp=st["ref_logp_in"], num_window_tokens=st["num_window_tokens"],
+            ref_logp=ref, num_window_tokens=st["num_window_tokens"],
             num_window_seqs=st["num_window_seqs"], num_micro_batches=st["num_micro_batches"], dp_size=st["dp_size"],
             classes=st["classes"], compile_math=compiled,
         )
@@ -316,7 +315,7 @@ def linear_surrogate_loss(
 
     compiled = use_compiled(compile_math, hidden)
     valid = mask.to(torch.bool)
-    classes = prefix_classes(completion_ids, group_size, valid) if group_size is not None else None
+    classes = prefix_classes_before_launch(completion_ids, group_size, valid)
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(
         cfg, valid, num_window_tokens=num_window_tokens, num_window_seqs=num_window_seqs,
@@ -325,7 +324,7 @@ def linear_surrogate_loss(
     grad_on = torch.is_grad_enabled()
     state = dict(
         cfg=cfg, valid=valid, T=T, ids=completion_ids, adv=adv, alpha=alpha, classes=classes, compiled=compiled,
-        old_logp=old_logp, ref_logp=ref_logp, old_logp_in=old_logp, ref_logp_in=ref_logp,
+        old_logp=old_logp, ref_logp=ref_logp,
         advantages=advantages, mask=mask, group_size=group_size, num_window_tokens=num_window_tokens,
         num_window_seqs=num_window_seqs, num_micro_batches=num_micro_batches, dp_size=dp_size,
         token_local=cfg.ratio in TOKEN_LOCAL_RATIOS and cfg.off_policy_mask_threshold is None,

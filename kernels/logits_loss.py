@@ -139,7 +139,7 @@ def logits_surrogate_loss(
         )
         valid = lay.pad(mask.to(torch.bool), "mask", False)
         ids_padded = lay.pad(completion_ids, "completion_ids") if group_size is not None else None
-        classes = _classes(ids_padded, group_size, valid)
+        classes = prefix_classes_before_launch(ids_padded, group_size, valid)
         logp_packed = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
         return surrogate_loss(
             cfg,
@@ -164,7 +164,7 @@ def logits_surrogate_loss(
         )
     if tuple(mask.shape) != tuple(completion_ids.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} != completion_ids shape {tuple(completion_ids.shape)}")
-    classes = _classes(completion_ids if group_size is not None else None, group_size, mask)
+    classes = prefix_classes_before_launch(completion_ids, group_size, mask)
     logp = selective_logprob(logits, completion_ids, mask, temperature, inplace=inplace_backward)
     return surrogate_loss(
         cfg,
@@ -184,8 +184,11 @@ def logits_surrogate_loss(
     )
 
 
-def _classes(completion_ids: torch.Tensor | None, group_size: int | None, mask) -> PrefixClasses | None:
-    """The prefix classes, found before the kernel launch (``torch.unique`` syncs with the host)."""
+def prefix_classes_before_launch(
+    completion_ids: torch.Tensor | None, group_size: int | None, mask
+) -> PrefixClasses | None:
+    """The prefix classes of ``completion_ids`` (None without ``group_size``), found before the
+    kernels are launched because finding them (``torch.unique``) syncs with the host."""
     if completion_ids is None or not group_size:
         return None
     return prefix_classes(completion_ids, group_size, mask)
