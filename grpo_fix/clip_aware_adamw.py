@@ -38,11 +38,12 @@ for every ``step()`` call until the next ``observe``.
 2. **trust-region controller** (free, on by default): a step multiplier ``alpha`` in (0, 1]
    updated once per window at ``observe``: if ``f > tau`` (default 0.05): ``alpha *= shrink``
    (0.5), else ``alpha = min(1, grow * alpha)`` (1.25), except that a window without eligible
-   tokens (no non-zero advantage, so no overshoot could be measured) leaves alpha unchanged.  Optional **warm start**: before the
-   first observed window alpha is ``alpha_init`` (default 1.0; 0.1 then grows by ``grow`` per
-   window without overshoot, about ten windows to 1), because the largest excursion of an
-   off-policy run is its very first replay, caused by a step taken before anything was measured
-   (Adam's first steps are sign-like, a full ``lr`` per coordinate).  It is not the default
+   tokens (no non-zero advantage, so no overshoot could be measured) leaves alpha unchanged.
+   Optional **warm start**: before the first observed window alpha is ``alpha_init`` (default
+   1.0; 0.1 then grows by ``grow`` per window without overshoot, about ten windows to 1),
+   because the largest excursion of an off-policy run is its very first replay, caused by a step
+   taken before anything was measured (Adam's first steps are sign-like, a full ``lr`` per
+   coordinate).  It is not the default
    because on-policy training (one step per rollout batch) gains nothing from it and loses ten
    windows of step size (toy task, mu = 1: reward 0.75 instead of 0.94 after 25 rollouts); the
    TRL integration turns it on when the configuration replays rollouts (``num_iterations > 1``
@@ -79,9 +80,10 @@ for every ``step()`` call until the next ``observe``.
    accepted and the momentum is scaled by it.  If no ``a`` is within the bound after
    ``max_backtracks`` halvings the step is rejected (``a = 0``: parameters restored, momentum
    zeroed, ``last_stats["rejected"] = 1``), so after every step the re-measured overshoot is at
-   most ``max(tau, f_before)`` (ours: this makes the bound an invariant instead of a target).  Needs the stepped tensors to be the model's
-   parameters: without DeepSpeed, or DeepSpeed stage 0 in fp32.  Under ZeRO (or DeepSpeed's
-   bf16/fp16 wrappers) the model holds low-precision copies refreshed only after ``step()``, so
+   most ``max(tau, f_before)`` (ours: this makes the bound an invariant instead of a target).
+   Needs the stepped tensors to be the model's parameters: without DeepSpeed, or DeepSpeed
+   stage 0 in fp32.  Under ZeRO (or DeepSpeed's bf16/fp16 wrappers) the model holds low-precision
+   copies refreshed only after ``step()``, so
    :func:`grpo_fix.integration.deepspeed.attach_deepspeed` refuses it with a clear error.
 
 Measured evidence (DESIGN section 2; de-risking run, tiny random Qwen2, G=8, 4 inner epochs x 4

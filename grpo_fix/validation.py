@@ -4,8 +4,9 @@ Shape/dtype checks are static and always run.  Value checks (non-finite log-prob
 positions, a mask that is not 0/1, a window count smaller than the call's own tokens) need one
 host synchronisation: :func:`value_flags` computes them on the device, :func:`raise_on_bad_values`
 reads them once the forward math is queued.  They run in eager mode and are skipped while
-``torch.compile`` traces, so the compiled common path has no graph break.  Non-finite values at *masked* positions are
-allowed: they are replaced before any arithmetic, so they cannot leak into the loss or gradient.
+``torch.compile`` traces, so the compiled common path has no graph break.  Non-finite values at
+*masked* positions are allowed: they are replaced before any arithmetic, so they cannot leak into
+the loss or gradient.
 """
 
 from __future__ import annotations
