@@ -118,8 +118,9 @@ def measure(fn, device, iters, warmup, setup=None):
 
 def run_entry(rows, section, shape, name, make_fn, device, iters, warmup, note="", setup=None):
     """Build and measure one entry; OOM / missing packages become a row with a status."""
-    row = dict(section=section, shape=shape, entry=name, median_ms=None, peak_extra_gib=None, loss=None,
-               status="ok", note=note)
+    row = dict(
+        section=section, shape=shape, entry=name, median_ms=None, peak_extra_gib=None, loss=None, status="ok", note=note
+    )
     try:
         fn = make_fn()
         if fn is None:
@@ -146,6 +147,7 @@ def _mask(B, T, device, gen):
 
 def train_step(loss_fn, *leaves):
     """fwd + bwd of ``loss_fn()``; the gradients are freed; returns the detached loss."""
+
     def fn():
         for t in leaves:
             t.grad = None
@@ -154,6 +156,7 @@ def train_step(loss_fn, *leaves):
         for t in leaves:
             t.grad = None
         return loss.detach()
+
     return fn
 
 
@@ -161,8 +164,9 @@ def train_step(loss_fn, *leaves):
 def reference_loss(logits_rows, ids, old, adv, mask):
     """The DAPO loss in fp32 from ``logits_rows(b)`` (the ``(T, V)`` logits of row b), one row at a
     time so that the largest shapes fit: the value every entry is checked against."""
-    logp = torch.stack([torch.log_softmax(logits_rows(b).float(), -1).gather(-1, ids[b, :, None])[:, 0]
-                        for b in range(ids.shape[0])])
+    logp = torch.stack(
+        [torch.log_softmax(logits_rows(b).float(), -1).gather(-1, ids[b, :, None])[:, 0] for b in range(ids.shape[0])]
+    )
     return float(dapo_loss_from_logp(logp, old, adv, mask))
 
 
@@ -170,8 +174,13 @@ def check_losses(rows, section, shape, ref, rtol=2e-2):
     """Flag entries of (section, shape) whose loss differs from the fp32 reference (bf16 inputs:
     a few 1e-3 relative is rounding; a wrong argument order is far off)."""
     for r in rows:
-        if (r["section"] == section and r["shape"] == shape and r["loss"] is not None and r["status"] == "ok"
-                and "loss_rel_err" not in r):  # rows checked against an earlier reference keep that check
+        if (
+            r["section"] == section
+            and r["shape"] == shape
+            and r["loss"] is not None
+            and r["status"] == "ok"
+            and "loss_rel_err" not in r
+        ):  # rows checked against an earlier reference keep that check
             r["loss_rel_err"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
             if r["loss_rel_err"] > rtol:
                 r["status"] = f"LOSS MISMATCH: {r['loss']:.6g} vs fp32 reference {ref:.6g}"
@@ -198,7 +207,7 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
 
     compiled_loss = torch.compile(trl_eager_loss, dynamic=False) if compile_ok else None
     # our default ("auto") compiles the per-token math on CUDA; the eager-math entries measure
-    # what that buys (kernel launches of 130-200 small ops, see grpo_fix.compiled_math)
+    # what that buys (kernel launches of 130-200 small ops, see grpo_fix.loss.compiled)
     math_variants = _math_variants(device, compile_ok)
     for B, T, V in shapes:
         shape = f"B={B} T={T} V={V}"
@@ -223,6 +232,7 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
             def fn():
                 with torch.no_grad():
                     logits.detach().clone()
+
             return fn
 
         def entry(name, make_fn, note=""):
@@ -230,17 +240,53 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
 
         entry("logits copy (1 read + 1 write)", copy_fn)
         entry("TRL-style eager (fp32 log_softmax)", lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask)))
-        entry("torch.compile of the same",
-              lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask)) if compiled_loss else None)
-        entry("Liger 0.8.5 triton_grpo_loss (inplace)",
-              lambda: step(lambda: triton_grpo_loss(
-                  logits, old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
-                  eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
+        entry(
+            "torch.compile of the same",
+            lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask)) if compiled_loss else None,
+        )
+        entry(
+            "Liger 0.8.5 triton_grpo_loss (inplace)",
+            lambda: (
+                step(
+                    lambda: triton_grpo_loss(
+                        logits,
+                        old,
+                        None,
+                        ids,
+                        adv,
+                        mask,
+                        temperature=1.0,
+                        beta=0.0,
+                        eps_low=EPS_LOW,
+                        eps_high=EPS_HIGH,
+                        inplace=True,
+                        loss_type="dapo",
+                        reduce=True,
+                    )[0]
+                )
+                if triton_grpo_loss
+                else None
+            ),
+        )
         for suffix, compile_math in math_variants:
-            entry("ours logits_surrogate_loss (dapo, inplace)" + suffix,
-                  lambda: step(lambda: logits_surrogate_loss(
-                      PRESETS["dapo"], logits, ids, old, adv, mask, group_size=None, inplace_backward=True,
-                      compile_math=compile_math).loss))
+            entry(
+                "ours logits_surrogate_loss (dapo, inplace)" + suffix,
+                lambda: step(
+                    lambda: (
+                        logits_surrogate_loss(
+                            PRESETS["dapo"],
+                            logits,
+                            ids,
+                            old,
+                            adv,
+                            mask,
+                            group_size=None,
+                            inplace_backward=True,
+                            compile_math=compile_math,
+                        ).loss
+                    )
+                ),
+            )
         check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, old, adv, mask))
         # The old log-probs above are far from the policy (as in the anchors' measurements), so
         # about half the tokens are clipped and our backward skips their rows; Liger reads every
@@ -248,21 +294,58 @@ def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: N
         near = selective_logprob_nograd(logits0, ids, mask) + 0.01 * torch.randn(B, T, generator=gen, device=device)
         tag = ", near on-policy old (nothing clipped)"
         if triton_grpo_loss:
-            entry("Liger 0.8.5 triton_grpo_loss (inplace)" + tag,
-                  lambda: step(lambda: triton_grpo_loss(
-                      logits, near, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
-                      eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]))
+            entry(
+                "Liger 0.8.5 triton_grpo_loss (inplace)" + tag,
+                lambda: step(
+                    lambda: triton_grpo_loss(
+                        logits,
+                        near,
+                        None,
+                        ids,
+                        adv,
+                        mask,
+                        temperature=1.0,
+                        beta=0.0,
+                        eps_low=EPS_LOW,
+                        eps_high=EPS_HIGH,
+                        inplace=True,
+                        loss_type="dapo",
+                        reduce=True,
+                    )[0]
+                ),
+            )
         for suffix, compile_math in math_variants:
-            entry("ours logits_surrogate_loss (dapo, inplace)" + tag + suffix,
-                  lambda: step(lambda: logits_surrogate_loss(
-                      PRESETS["dapo"], logits, ids, near, adv, mask, group_size=None, inplace_backward=True,
-                      compile_math=compile_math).loss))
+            entry(
+                "ours logits_surrogate_loss (dapo, inplace)" + tag + suffix,
+                lambda: step(
+                    lambda: (
+                        logits_surrogate_loss(
+                            PRESETS["dapo"],
+                            logits,
+                            ids,
+                            near,
+                            adv,
+                            mask,
+                            group_size=None,
+                            inplace_backward=True,
+                            compile_math=compile_math,
+                        ).loss
+                    )
+                ),
+            )
         check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, near, adv, mask))
         # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
-        entry("ours, uniform preset (prefix-consistent, G=8)",
-              lambda: step(lambda: logits_surrogate_loss(
-                  PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True).loss),
-              note="includes prefix classes and W_agg; another loss, not compared")
+        entry(
+            "ours, uniform preset (prefix-consistent, G=8)",
+            lambda: step(
+                lambda: (
+                    logits_surrogate_loss(
+                        PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True
+                    ).loss
+                )
+            ),
+            note="includes prefix classes and W_agg; another loss, not compared",
+        )
         del logits, logits0, ids, mask, old, near, adv
         save()
 
@@ -361,13 +444,20 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile
                 logits = X @ W.t()
                 dX = logits @ W  # noqa: F841
                 dW = logits.t() @ X  # noqa: F841
+
             return fn
 
         def liger_fused():
             if LigerFusedLinearGRPOLoss is None:
                 return None
-            mod = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-                                           loss_type="dapo", compiled=device.type == "cuda")
+            mod = LigerFusedLinearGRPOLoss(
+                beta=0.0,
+                use_ref_model=False,
+                epsilon_low=EPS_LOW,
+                epsilon_high=EPS_HIGH,
+                loss_type="dapo",
+                compiled=device.type == "cuda",
+            )
             return step(lambda: mod(h_view(), weight, ids, mask, adv, old_per_token_logps=old)[0])
 
         def trl_head():
@@ -376,9 +466,12 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile
 
             def loss():
                 h = h_view()
-                lp_valid = ChunkedLogProbFunction.apply(h[mask], weight, None, ids[mask], 1.0, trl_chunk, None, 1.0, ())[0]
+                lp_valid = ChunkedLogProbFunction.apply(
+                    h[mask], weight, None, ids[mask], 1.0, trl_chunk, None, 1.0, ()
+                )[0]
                 logp = lp_valid.new_zeros(mask.shape).masked_scatter(mask, lp_valid)
                 return dapo_loss_from_logp(logp, old, adv, mask)
+
             return step(loss)
 
         def entry(name, make_fn, n_iters=iters, n_warmup=warmup):
@@ -386,22 +479,64 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile
 
         entry("floor: 3 lm_head GEMMs (all tokens)", lambda: floor(False))
         entry(f"floor: 3 lm_head GEMMs (valid {n_valid})", lambda: floor(True))
-        entry("materialised logits + ours (inplace)",
-              lambda: step(lambda: logits_surrogate_loss(
-                  PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None).loss))
-        entry("materialised logits + Liger triton_grpo_loss",
-              lambda: step(lambda: triton_grpo_loss(
-                  hidden @ weight.t(), old, None, ids, adv, mask, temperature=1.0, beta=0.0, eps_low=EPS_LOW,
-                  eps_high=EPS_HIGH, inplace=True, loss_type="dapo", reduce=True)[0]) if triton_grpo_loss else None)
+        entry(
+            "materialised logits + ours (inplace)",
+            lambda: step(
+                lambda: (
+                    logits_surrogate_loss(
+                        PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None
+                    ).loss
+                )
+            ),
+        )
+        entry(
+            "materialised logits + Liger triton_grpo_loss",
+            lambda: (
+                step(
+                    lambda: triton_grpo_loss(
+                        hidden @ weight.t(),
+                        old,
+                        None,
+                        ids,
+                        adv,
+                        mask,
+                        temperature=1.0,
+                        beta=0.0,
+                        eps_low=EPS_LOW,
+                        eps_high=EPS_HIGH,
+                        inplace=True,
+                        loss_type="dapo",
+                        reduce=True,
+                    )[0]
+                )
+                if triton_grpo_loss
+                else None
+            ),
+        )
         entry("Liger LigerFusedLinearGRPOLoss", liger_fused, liger_fused_iters, 1)
         entry("TRL 1.16 ChunkedLogProbFunction + loss", trl_head)
         (_, default), *eager = _math_variants(device, compile_ok)
         variants = [(4096, "", default), (8192, "", default)] + [(4096, suffix, False) for suffix, _ in eager]
         for chunk, suffix, compile_math in variants:
-            entry(f"ours linear_surrogate_loss (chunk {chunk})" + suffix,
-                  lambda: step(lambda: linear_surrogate_loss(
-                      PRESETS["dapo"], h_view(), weight, ids, old, adv, mask, group_size=None,
-                      chunk_tokens=chunk, compile_math=compile_math).loss))
+            entry(
+                f"ours linear_surrogate_loss (chunk {chunk})" + suffix,
+                lambda: step(
+                    lambda: (
+                        linear_surrogate_loss(
+                            PRESETS["dapo"],
+                            h_view(),
+                            weight,
+                            ids,
+                            old,
+                            adv,
+                            mask,
+                            group_size=None,
+                            chunk_tokens=chunk,
+                            compile_math=compile_math,
+                        ).loss
+                    )
+                ),
+            )
         with torch.no_grad():
             ref = reference_loss(lambda b: hidden[b, :T] @ weight.t(), ids, old, adv, mask)
         check_losses(rows, "linear", shape, ref)
@@ -415,34 +550,46 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile
 SECTIONS = (  # (section, title, entries whose time the others are divided by)
     ("logits", "Logits path (bf16, 20 % masked)", ("Liger 0.8.5 triton_grpo_loss (inplace)",)),
     ("sweep", "Launch sweep of our log-prob kernels alone (bf16, 20 % masked)", ()),
-    ("linear", "Logits-free path (bf16, 20 % masked)",
-     ("floor: 3 lm_head GEMMs (all tokens)", "TRL 1.16 ChunkedLogProbFunction + loss")),
+    (
+        "linear",
+        "Logits-free path (bf16, 20 % masked)",
+        ("floor: 3 lm_head GEMMs (all tokens)", "TRL 1.16 ChunkedLogProbFunction + loss"),
+    ),
 )
 
 
 def _reference_of(row, sec, ref_entry):
     if row["section"] == "sweep":  # each kernel against its default launch
-        return next((x for x in sec if x["entry"].startswith(row["entry"][:3]) and x["entry"].endswith("(default)")),
-                    None)
+        return next(
+            (x for x in sec if x["entry"].startswith(row["entry"][:3]) and x["entry"].endswith("(default)")), None
+        )
     return next((x for x in sec if x["shape"] == row["shape"] and x["entry"] == ref_entry), None)
 
 
 def to_markdown(rows, meta):
-    lines = [f"# grpo_fix.kernels benchmark on {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger']}, trl {meta['trl']}; "
-             f"{meta['date']}; median of {meta['iters']} fwd+bwd runs after {meta['warmup']} warm-ups; "
-             f"logits-free dW accumulation: {meta['dw_accumulation']}; "
-             "peak extra = max allocated during the runs minus allocated before (inputs resident, gradients "
-             "included); loss err = relative difference to an fp32 reference of the same loss (a status "
-             "says LOSS MISMATCH above 2e-2).", ""]
+    lines = [
+        f"# grpo_fix.kernels benchmark on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger']}, trl {meta['trl']}; "
+        f"{meta['date']}; median of {meta['iters']} fwd+bwd runs after {meta['warmup']} warm-ups; "
+        f"logits-free dW accumulation: {meta['dw_accumulation']}; "
+        "peak extra = max allocated during the runs minus allocated before (inputs resident, gradients "
+        "included); loss err = relative difference to an fp32 reference of the same loss (a status "
+        "says LOSS MISMATCH above 2e-2).",
+        "",
+    ]
     for section, title, ref_entries in SECTIONS:
         sec = [r for r in rows if r["section"] == section]
         if not sec:
             continue
         refs = ref_entries or ("default launch",)
         ref_cols = " | ".join(f"x {e.split(' (')[0]}" for e in refs)
-        lines += [f"## {title}", "", f"| shape | entry | median ms | {ref_cols} | peak extra GiB | loss err | status |",
-                  "|---|---|---|" + "---|" * len(refs) + "---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            f"| shape | entry | median ms | {ref_cols} | peak extra GiB | loss err | status |",
+            "|---|---|---|" + "---|" * len(refs) + "---|---|---|",
+        ]
         for r in sec:
             ratios = []
             for e in refs:
@@ -452,8 +599,9 @@ def to_markdown(rows, meta):
             ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}"
             mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
             err = f"{r['loss_rel_err']:.1e}" if r.get("loss_rel_err") is not None else "-"
-            lines.append(f"| {r['shape']} | {r['entry']} | {ms} | {' | '.join(ratios)} | {mem} | {err} | "
-                         f"{r['status']} |")
+            lines.append(
+                f"| {r['shape']} | {r['entry']} | {ms} | {' | '.join(ratios)} | {mem} | {err} | {r['status']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -461,6 +609,7 @@ def to_markdown(rows, meta):
 def _version(pkg):
     try:
         import importlib.metadata as md
+
         return md.version(pkg)
     except Exception:
         return "not installed"
@@ -472,8 +621,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--liger-fused-iters", type=int, default=3, help="Liger's fused linear loss is ~1 s per run")
-    p.add_argument("--no-compile", action="store_true",
-                   help="no torch.compile anywhere (the compiled TRL-style entry, and our math runs eagerly)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="no torch.compile anywhere (the compiled TRL-style entry, and our math runs eagerly)",
+    )
     p.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on CPU (Triton interpreter); no results")
     args = p.parse_args(argv)
 
@@ -489,8 +641,13 @@ def main(argv=None):
 
     meta = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-        torch=torch.__version__, triton=_version("triton"), liger=_version("liger-kernel"), trl=_version("trl"),
-        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), iters=iters, warmup=warmup,
+        torch=torch.__version__,
+        triton=_version("triton"),
+        liger=_version("liger-kernel"),
+        trl=_version("trl"),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        iters=iters,
+        warmup=warmup,
         dw_accumulation=dw_accumulation(device),
     )
     slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
@@ -511,8 +668,16 @@ def main(argv=None):
         sweep_shape, configs = SMOKE_SWEEP if args.smoke_cpu else (SWEEP_SHAPE, SWEEP_CONFIGS)
         bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs, save)
     if args.only in (None, "linear"):
-        bench_linear(rows, device, iters, warmup, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1,
-                     not args.no_compile and not args.smoke_cpu, save)
+        bench_linear(
+            rows,
+            device,
+            iters,
+            warmup,
+            linear_shapes,
+            args.liger_fused_iters if not args.smoke_cpu else 1,
+            not args.no_compile and not args.smoke_cpu,
+            save,
+        )
 
     print("\n" + to_markdown(rows, meta))
     if args.smoke_cpu:

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grpo_fix.clip_aware_adamw import ClipAwareAdamW  # noqa: E402
+from grpo_fix import ClipAwareAdamW  # noqa: E402
 from grpo_fix.signal import TrustRegionSignal  # noqa: E402
 
 
@@ -46,18 +46,26 @@ def make_variants(device: str):
         "AdamW fused": (torch.optim.AdamW, dict(fused=True), False),
     }
     if cpu:
-        v.update({
-            "ClipAwareAdamW foreach, no signal": (ClipAwareAdamW, dict(foreach=True), False),
-            "ClipAwareAdamW foreach, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(foreach=True), True),
-            "ClipAwareAdamW fused, no signal": (ClipAwareAdamW, dict(fused=True), False),
-            "ClipAwareAdamW fused, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(fused=True), True),
-        })
+        v.update(
+            {
+                "ClipAwareAdamW foreach, no signal": (ClipAwareAdamW, dict(foreach=True), False),
+                "ClipAwareAdamW foreach, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(foreach=True), True),
+                "ClipAwareAdamW fused, no signal": (ClipAwareAdamW, dict(fused=True), False),
+                "ClipAwareAdamW fused, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(fused=True), True),
+            }
+        )
     else:
-        v.update({
-            "ClipAwareAdamW triton, no signal": (ClipAwareAdamW, dict(kernel="triton"), False),
-            "ClipAwareAdamW triton, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(kernel="triton"), True),
-            "ClipAwareAdamW torch fused, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(kernel="torch", fused=True), True),
-        })
+        v.update(
+            {
+                "ClipAwareAdamW triton, no signal": (ClipAwareAdamW, dict(backend="triton"), False),
+                "ClipAwareAdamW triton, kappa=0.7 alpha=0.5": (ClipAwareAdamW, dict(backend="triton"), True),
+                "ClipAwareAdamW torch fused, kappa=0.7 alpha=0.5": (
+                    ClipAwareAdamW,
+                    dict(backend="torch", fused=True),
+                    True,
+                ),
+            }
+        )
     return v
 
 
@@ -113,7 +121,9 @@ def device_description(device: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--sizes", default=None, help="comma list of total parameter counts (default CPU 10e6; CUDA 100e6,500e6)")
+    ap.add_argument(
+        "--sizes", default=None, help="comma list of total parameter counts (default CPU 10e6; CUDA 100e6,500e6)"
+    )
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -141,7 +151,9 @@ def main(argv=None):
     for n, res in results.items():
         ref = res[baseline]["median_ms"]
         for name, r in res.items():
-            lines.append(f"| {n / 1e6:g}M | {name} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['median_ms'] / ref:.3f} |")
+            lines.append(
+                f"| {n / 1e6:g}M | {name} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['median_ms'] / ref:.3f} |"
+            )
     md = "\n".join(lines)
     print(md)
     out = Path(args.out or Path(__file__).parent / "results" / f"optimizer_{device}")
@@ -154,8 +166,10 @@ def main(argv=None):
         "repeats": args.repeats,
         "warmup": args.warmup,
         "baseline": baseline,
-        "results": {str(n): {k: dict(v, ratio=v["median_ms"] / res[baseline]["median_ms"]) for k, v in res.items()}
-                    for n, res in results.items()},
+        "results": {
+            str(n): {k: dict(v, ratio=v["median_ms"] / res[baseline]["median_ms"]) for k, v in res.items()}
+            for n, res in results.items()
+        },
     }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text(md + "\n")

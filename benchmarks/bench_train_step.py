@@ -33,20 +33,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936)
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, vocab_size=512)
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=512,
+)
 
 
 def build_model_dir(shape: dict, directory: str) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from grpo_fix.toy import build_tokenizer
+    from grpo_fix.lab.toy import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = Qwen2Config(
+        **shape,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -74,23 +92,43 @@ def run_variant(name: str, model_dir: str, args, device) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
-    from grpo_fix.toy import target_share_reward
+    from grpo_fix.lab.toy import target_share_reward
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    common = dict(output_dir=tempfile.mkdtemp(), use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-                  gradient_checkpointing=args.gradient_checkpointing, per_device_train_batch_size=args.batch,
-                  num_generations=args.batch, max_completion_length=args.completion_len, num_iterations=2,
-                  learning_rate=1e-6, report_to="none", save_strategy="no", logging_steps=1, beta=0.0)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda",
+        gradient_checkpointing=args.gradient_checkpointing,
+        per_device_train_batch_size=args.batch,
+        num_generations=args.batch,
+        max_completion_length=args.completion_len,
+        num_iterations=2,
+        learning_rate=1e-6,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        beta=0.0,
+    )
     ds = datasets.Dataset.from_dict({"prompt": ["say:ab"] * 8})
     if name == "TRL default (dapo + AdamW)":
-        trainer = GRPOTrainer(model=model, reward_funcs=target_share_reward, args=GRPOConfig(loss_type="dapo", **common),
-                              train_dataset=ds, processing_class=tok)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=target_share_reward,
+            args=GRPOConfig(loss_type="dapo", **common),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     else:
-        trainer = GRPOFixTrainer(model=model, reward_funcs=target_share_reward,
-                                 args=GRPOFixConfig(loss_type="uniform", **common), train_dataset=ds,
-                                 processing_class=tok)
+        trainer = GRPOFixTrainer(
+            model=model,
+            reward_funcs=target_share_reward,
+            args=GRPOFixConfig(loss_type="uniform", **common),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which we bypass
     model = trainer.model
@@ -123,8 +161,13 @@ def run_variant(name: str, model_dir: str, args, device) -> dict:
     del trainer, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"variant": name, "median_ms": 1e3 * med, "tokens_per_s": tokens / med, "peak_extra_gib": peak,
-            "tokens_per_step": tokens}
+    return {
+        "variant": name,
+        "median_ms": 1e3 * med,
+        "tokens_per_s": tokens / med,
+        "peak_extra_gib": peak,
+        "tokens_per_step": tokens,
+    }
 
 
 def main(argv=None) -> int:
@@ -145,22 +188,36 @@ def main(argv=None) -> int:
     elif torch.cuda.is_available():
         device, shape = torch.device("cuda"), QWEN2_05B
     else:
-        print("bench_train_step: no CUDA device; the training-step benchmark needs a GPU (use --smoke-cpu to check "
-              "the script). Nothing written.")
+        print(
+            "bench_train_step: no CUDA device; the training-step benchmark needs a GPU (use --smoke-cpu to check "
+            "the script). Nothing written."
+        )
         return 0
     with tempfile.TemporaryDirectory() as model_dir:
         build_model_dir(shape, model_dir)
-        rows = [run_variant(name, model_dir, args, device)
-                for name in ("TRL default (dapo + AdamW)", "grpo-fix (uniform + ClipAwareAdamW + kernels)")]
+        rows = [
+            run_variant(name, model_dir, args, device)
+            for name in ("TRL default (dapo + AdamW)", "grpo-fix (uniform + ClipAwareAdamW + kernels)")
+        ]
     base = rows[0]["median_ms"]
     for r in rows:
         r["speedup_vs_trl"] = base / r["median_ms"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test, not a measurement)"
-    header = (f"GRPO training step, {where}; model {shape}; batch {args.batch} x (prompt {args.prompt_len} + "
-              f"completion {args.completion_len}); median of {args.steps} steps after {args.warmup} warm-up")
-    lines = [header, "", "| variant | median ms | tokens/s | speed-up vs TRL | peak extra GiB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_trl']:.2f} | "
-              f"{r['peak_extra_gib']:.2f} |" for r in rows]
+    header = (
+        f"GRPO training step, {where}; model {shape}; batch {args.batch} x (prompt {args.prompt_len} + "
+        f"completion {args.completion_len}); median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    lines = [
+        header,
+        "",
+        "| variant | median ms | tokens/s | speed-up vs TRL | peak extra GiB |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_trl']:.2f} | "
+        f"{r['peak_extra_gib']:.2f} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
     print(table)
     if not args.smoke_cpu:

@@ -107,10 +107,21 @@ def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam):
         p = torch.zeros(n, dtype=pdtype)
         g = torch.zeros(n, dtype=pdtype)
         m, v = torch.zeros(n), torch.zeros(n)
-        adamw_mod.adamw_step_([p], [g], [m], [v], [torch.zeros(())], lr=1e-3, alpha=1.0, beta1=0.9,
-                              beta2=0.999, eps=1e-8, weight_decay=0.01, m_scales=[1.0])
-        take(adam, f"adamw step param {str(pdtype).removeprefix('torch.')}, fp32 state",
-             dict(ldg128=True, stg128=True))
+        adamw_mod.adamw_step_(
+            [p],
+            [g],
+            [m],
+            [v],
+            [torch.zeros(())],
+            lr=1e-3,
+            alpha=1.0,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            m_scales=[1.0],
+        )
+        take(adam, f"adamw step param {str(pdtype).removeprefix('torch.')}, fp32 state", dict(ldg128=True, stg128=True))
     return out
 
 
@@ -155,13 +166,17 @@ def _inspect(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                             check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+        res = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res))
     return dict(
-        regs=int(usage.get("REG", -1)), stack=int(usage.get("STACK", -1)), local=int(usage.get("LOCAL", -1)),
+        regs=int(usage.get("REG", -1)),
+        stack=int(usage.get("STACK", -1)),
+        local=int(usage.get("LOCAL", -1)),
         shared=int(usage.get("SHARED", -1)),
         loads=sorted(set(re.findall(r"\bLDG\.E(?:\.[A-Z0-9]+)*", sass))),
         stores=sorted(set(re.findall(r"\bSTG\.E(?:\.[A-Z0-9]+)*", sass))),
@@ -175,8 +190,11 @@ def build_report(arch: int, vocab: int = V_BENCH) -> list[dict]:
         row = dict(variant=name, kernel=fn.__name__, arch=f"sm_{arch}", failures=[])
         try:
             k, opts, consts = _compile(fn, args, kwargs, arch)
-            row.update(_inspect(k.asm["cubin"]), num_warps=opts.get("num_warps", 4),
-                       constexprs={c: v for c, v in consts.items() if c.isupper()})
+            row.update(
+                _inspect(k.asm["cubin"]),
+                num_warps=opts.get("num_warps", 4),
+                constexprs={c: v for c, v in consts.items() if c.isupper()},
+            )
         except Exception as e:  # report every variant, then fail the check
             row["failures"].append(f"compile: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             rows.append(row)
@@ -193,10 +211,12 @@ def build_report(arch: int, vocab: int = V_BENCH) -> list[dict]:
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# grpo_fix Triton kernels compiled for {rows[0]['arch'] if rows else '?'} (static, no GPU)", "",
+        f"# grpo_fix Triton kernels compiled for {rows[0]['arch'] if rows else '?'} (static, no GPU)",
+        "",
         f"triton {meta['triton']}, torch {meta['torch']}; compiled on {meta['host']} with the ptxas of the triton "
         "wheel; arguments specialised as Triton's JIT does for the benchmark layouts (V = "
-        f"{meta['vocab']}).  Not a timing: see bench_kernels.py for those.", "",
+        f"{meta['vocab']}).  Not a timing: see bench_kernels.py for those.",
+        "",
         "| variant | constexprs | warps | regs | spill (local/stack B) | smem B | global loads | global stores "
         "| check |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -215,8 +235,12 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
-    p.add_argument("--vocab", type=int, default=V_BENCH,
-                   help="vocabulary size of the logits rows (not a multiple of 8: rows lose 128-bit alignment)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=V_BENCH,
+        help="vocabulary size of the logits rows (not a multiple of 8: rows lose 128-bit alignment)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel fails a check")
     p.add_argument("--write", action="store_true", help="write results/kernels_static_sm<arch>_v<vocab>.{json,md}")
     args = p.parse_args(argv)
@@ -226,8 +250,12 @@ def main(argv=None) -> int:
     import triton
 
     rows = build_report(args.arch, args.vocab)
-    meta = dict(vocab=args.vocab, triton=triton.__version__, torch=torch.__version__,
-                host=f"{platform.machine()} {platform.system()}")
+    meta = dict(
+        vocab=args.vocab,
+        triton=triton.__version__,
+        torch=torch.__version__,
+        host=f"{platform.machine()} {platform.system()}",
+    )
     md = to_markdown(rows, meta)
     print(md)
     if args.write:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 EXPERIMENTS = {
-    "prefix-bias": "grpo_fix.experiments.prefix_bias",
-    "reward-scale": "grpo_fix.experiments.reward_scale",
-    "overshoot": "grpo_fix.experiments.overshoot",
-    "lr-robustness": "grpo_fix.experiments.lr_robustness",
+    "prefix-bias": "grpo_fix.lab.experiments.prefix_bias",
+    "reward-scale": "grpo_fix.lab.experiments.reward_scale",
+    "overshoot": "grpo_fix.lab.experiments.overshoot",
+    "lr-robustness": "grpo_fix.lab.experiments.lr_robustness",
 }
 BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py", "bench_train_step.py")
 
@@ -20,9 +20,11 @@ def _bench(argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("grpo-fix bench: no CUDA device found. The kernel and optimizer benchmarks measure GPU time and "
-              "memory; run them on a machine with an NVIDIA GPU (results go to benchmarks/results/). Without "
-              "one, `python benchmarks/kernel_static_report.py` shows what the Triton kernels compile to for sm_90.")
+        print(
+            "grpo-fix bench: no CUDA device found. The kernel and optimizer benchmarks measure GPU time and "
+            "memory; run them on a machine with an NVIDIA GPU (results go to benchmarks/results/). Without "
+            "one, `python benchmarks/kernel_static_report.py` shows what the Triton kernels compile to for sm_90."
+        )
         return 0
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     if not root.is_dir():
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv[:1])
     rest = argv[1:]
     if args.command == "demo":
-        from .demo import main as demo_main
+        from .lab.demo import main as demo_main
 
         demo_main(rest)
         return 0

@@ -137,8 +137,11 @@ class HealthMonitor:
                 gdev.setdefault(g.device, []).append((n, g))
             for dev, items in gdev.items():
                 norms = torch._foreach_norm([g.detach() for _, g in items], 2)
-                add(dev, ~torch.isfinite(torch.stack([x.float() for x in norms])),
-                    [f"gradient of parameter {n}" for n, _ in items])
+                add(
+                    dev,
+                    ~torch.isfinite(torch.stack([x.float() for x in norms])),
+                    [f"gradient of parameter {n}" for n, _ in items],
+                )
 
         flags = {d: torch.cat(fs) for d, fs in by_dev.items()}
         self._pending.append((step, micro_batch, host_bad, flags, labels_by_dev))
@@ -165,7 +168,7 @@ class HealthMonitor:
         for step, mb, host_bad, flags, labels in pending:
             bad = list(host_bad)
             for d, f in flags.items():
-                vals = host[d][pos[d]:pos[d] + f.numel()]
+                vals = host[d][pos[d] : pos[d] + f.numel()]
                 pos[d] += f.numel()
                 bad.extend(lbl for lbl, v in zip(labels[d], vals) if v)
             new.extend({"step": step, "micro_batch": mb, "quantity": q} for q in bad)

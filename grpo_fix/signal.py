@@ -54,13 +54,13 @@ class TrustRegionSignal:
     rollout_start: bool = False
 
     @staticmethod
-    def zeros(device: torch.device | str | None = None, *, rollout_start: bool = False) -> "TrustRegionSignal":
+    def zeros(device: torch.device | str | None = None, *, rollout_start: bool = False) -> TrustRegionSignal:
         """An empty signal (the identity of :meth:`__add__`)."""
         z = torch.zeros((), dtype=torch.float64, device=device)
         return TrustRegionSignal(*(z.clone() for _ in range(7)), rollout_start=rollout_start)
 
     # -- accumulation -----------------------------------------------------------------------
-    def __add__(self, other: "TrustRegionSignal") -> "TrustRegionSignal":
+    def __add__(self, other: TrustRegionSignal) -> TrustRegionSignal:
         """Merge two signals of the same window: masses and counts add, ``max_excess`` takes the max."""
         if not isinstance(other, TrustRegionSignal):
             return NotImplemented
@@ -68,22 +68,22 @@ class TrustRegionSignal:
         kw["max_excess"] = torch.maximum(self.max_excess, other.max_excess.to(self.max_excess.device))
         return TrustRegionSignal(**kw, rollout_start=self.rollout_start or other.rollout_start)
 
-    def with_rollout_start(self, flag: bool = True) -> "TrustRegionSignal":
+    def with_rollout_start(self, flag: bool = True) -> TrustRegionSignal:
         """A copy with the rollout-boundary flag set (the trainer marks the first window of a batch)."""
         return replace(self, rollout_start=flag)
 
-    def detach(self) -> "TrustRegionSignal":
+    def detach(self) -> TrustRegionSignal:
         return self._map(lambda t: t.detach())
 
-    def to(self, device: torch.device | str) -> "TrustRegionSignal":
+    def to(self, device: torch.device | str) -> TrustRegionSignal:
         return self._map(lambda t: t.to(device))
 
-    def _map(self, fn) -> "TrustRegionSignal":
+    def _map(self, fn) -> TrustRegionSignal:
         kw = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "rollout_start"}
         return TrustRegionSignal(**kw, rollout_start=self.rollout_start)
 
     # -- distributed ------------------------------------------------------------------------
-    def all_reduce(self, group: Any = None) -> "TrustRegionSignal":
+    def all_reduce(self, group: Any = None) -> TrustRegionSignal:
         """Sum the masses/counts and max the excess over the ranks of ``group`` (two collectives).
 
         Call it once per optimizer window, outside ``optimizer.step()``.  With NCCL the scalars
@@ -149,3 +149,52 @@ class TrustRegionSignal:
             rollout_start=self.rollout_start,
         )
         return out
+
+
+class SignalAccumulator:
+    """Sums the signals of one optimizer window's loss calls until the optimizer takes them.
+
+    The one accumulator the adapters (TRL, verl), the examples and the README use::
+
+        acc = SignalAccumulator()
+        for mb in window:
+            out = loss_fn(...); out.loss.backward(); acc.add(out.signal)
+        opt.observe(acc.take(all_reduce=True, rollout_start=first_window_of_batch))
+
+    :meth:`add` detaches (no autograd graph is kept) and costs no host sync.
+    """
+
+    def __init__(self) -> None:
+        self._sum: TrustRegionSignal | None = None
+
+    def add(self, signal: TrustRegionSignal) -> None:
+        """Add one loss call's signal (``TypeError`` for anything else)."""
+        if not isinstance(signal, TrustRegionSignal):
+            raise TypeError(f"SignalAccumulator.add expects a TrustRegionSignal, got {type(signal).__name__}")
+        signal = signal.detach()
+        self._sum = signal if self._sum is None else self._sum + signal
+
+    def __bool__(self) -> bool:
+        return self._sum is not None
+
+    def peek(self) -> TrustRegionSignal | None:
+        """The sum so far, without clearing it (None when nothing was added)."""
+        return self._sum
+
+    def take(
+        self, *, all_reduce: bool = False, group: Any = None, rollout_start: bool = False
+    ) -> TrustRegionSignal | None:
+        """The window's signal (None when nothing was added), and clear.
+
+        ``all_reduce=True`` sums it over the ranks of ``group`` (:meth:`TrustRegionSignal.all_reduce`;
+        every rank must call it; a rank that added nothing contributes zeros, so the collectives
+        still match); ``rollout_start`` flags the first window of a rollout batch.
+        """
+        out, self._sum = self._sum, None
+        if out is None:
+            if not all_reduce:
+                return None
+            out = TrustRegionSignal.zeros()
+        if all_reduce:
+            out = out.all_reduce(group)
+        return out.with_rollout_start(rollout_start) if rollout_start else out

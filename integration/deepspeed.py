@@ -59,10 +59,10 @@ def clip_aware_deepspeed_config(config: dict, *, offload: bool | None = None) ->
     cfg = copy.deepcopy(config)
     if "optimizer" in cfg:
         raise ValueError(
-            "the DeepSpeed config has an \"optimizer\" block: remove it and pass the optimizer instance, "
-            "deepspeed.initialize(optimizer=ClipAwareAdamW(...)) (with an \"optimizer\" block DeepSpeed/"
+            'the DeepSpeed config has an "optimizer" block: remove it and pass the optimizer instance, '
+            'deepspeed.initialize(optimizer=ClipAwareAdamW(...)) (with an "optimizer" block DeepSpeed/'
             "transformers build their own optimizer and ours is silently ignored, accelerate raises); "
-            "a \"scheduler\" block may stay"
+            'a "scheduler" block may stay'
         )
     zero = cfg.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0) or 0)
@@ -76,7 +76,7 @@ def clip_aware_deepspeed_config(config: dict, *, offload: bool | None = None) ->
         off, offloading = cfg["zero_optimization"]["offload_optimizer"], True
     elif offload is False and offloading:
         raise ValueError(
-            f"offload=False but zero_optimization.offload_optimizer.device is {device!r}: set it to \"none\" "
+            f'offload=False but zero_optimization.offload_optimizer.device is {device!r}: set it to "none" '
             "or call with offload=None/True"
         )
     if offloading:
@@ -103,7 +103,7 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
     stage 0 in fp32, where the stepped tensors are the model's parameters); raises ``ValueError``
     if ``backtrack=True`` cannot work.  Returns the optimizer.
     """
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
 
     if not isinstance(optimizer, ClipAwareAdamW):
         raise TypeError(f"attach_deepspeed expects a ClipAwareAdamW, got {type(optimizer).__name__}")
@@ -114,8 +114,8 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
             f"{type(basic).__name__}). Known causes: transformers' Trainer / TRL discard an optimizer "
             "instance under DeepSpeed (use trainer.optimizer_cls_and_kwargs = (ClipAwareAdamW, kwargs) or "
             "override create_optimizer()); accelerate swaps in DeepSpeedCPUAdam under ZeRO-Offload unless "
-            "the config sets \"zero_force_ds_cpu_optimizer\": false (see clip_aware_deepspeed_config); an "
-            "\"optimizer\" block in the DeepSpeed config makes DeepSpeed build its own"
+            'the config sets "zero_force_ds_cpu_optimizer": false (see clip_aware_deepspeed_config); an '
+            '"optimizer" block in the DeepSpeed config makes DeepSpeed build its own'
         )
     stage = int(engine.zero_optimization_stage())
     low_precision = bool(engine.bfloat16_enabled() or engine.fp16_enabled())

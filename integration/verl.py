@@ -50,10 +50,9 @@ from typing import Any
 
 import torch
 
-from grpo_fix.clip_aware_adamw import ClipAwareAdamW as _ClipAwareAdamW
-from grpo_fix.config import PRESETS, SurrogateConfig
-from grpo_fix.signal import TrustRegionSignal
-from grpo_fix.surrogate import LOG_RATIO_CLAMP, surrogate_loss
+from grpo_fix import PRESETS, SurrogateConfig, TrustRegionSignal, surrogate_loss
+from grpo_fix.loss.math import LOG_RATIO_CLAMP
+from grpo_fix.optim import ClipAwareAdamW as _ClipAwareAdamW
 
 __all__ = ["LOSS_NAME", "ClipAwareAdamW", "loss_config", "pending_signal", "policy_loss", "register"]
 
@@ -81,7 +80,9 @@ def loss_config(actor_config: Any) -> SurrogateConfig:
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {c}")
     return PRESETS["uniform"].replace(
-        eps_low=eps if low is None else float(low), eps_high=eps if high is None else float(high), delta=c,
+        eps_low=eps if low is None else float(low),
+        eps_high=eps if high is None else float(high),
+        delta=c,
     )
 
 
@@ -137,13 +138,23 @@ def policy_loss(
     adv = advantages
     if rollout_is_weights is not None:
         if rollout_is_weights.shape != advantages.shape:
-            raise ValueError(f"rollout_is_weights shape {tuple(rollout_is_weights.shape)} != advantages shape "
-                             f"{tuple(advantages.shape)}")
+            raise ValueError(
+                f"rollout_is_weights shape {tuple(rollout_is_weights.shape)} != advantages shape "
+                f"{tuple(advantages.shape)}"
+            )
         adv = advantages * rollout_is_weights
     cfg = loss_config(config)
     out = surrogate_loss(
-        cfg, log_prob, old_log_prob, adv, response_mask, group_size=None,
-        num_window_tokens=num_tokens, num_window_seqs=None, num_micro_batches=1, dp_size=dp_size,
+        cfg,
+        log_prob,
+        old_log_prob,
+        adv,
+        response_mask,
+        group_size=None,
+        num_window_tokens=num_tokens,
+        num_window_seqs=None,
+        num_micro_batches=1,
+        dp_size=dp_size,
     )
     if log_prob.requires_grad and torch.is_grad_enabled():
         _PENDING.add(out.signal)

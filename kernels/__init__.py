@@ -1,47 +1,40 @@
-"""Fused Triton kernels for the vocab-heavy part of GRPO-family losses (``grpo_fix.kernels``).
+"""Triton kernels for the vocabulary-heavy work of GRPO-family losses (``grpo_fix.kernels``).
 
-**Design: the kernels do only the vocabulary work; the GRPO math stays in one torch function.**
-The expensive part of a policy loss is the vocabulary: the passes over the ``[N, V]`` logits
-(logsumexp, selected log-prob, softmax gradient) and the lm_head GEMMs.  So the kernels compute
-log-probs (forward) and ``dlogits = (onehot - softmax) * dlogp / T`` (backward), and the loss
-always runs through :func:`grpo_fix.surrogate.surrogate_loss` / ``token_loss``: every preset,
-weighting, KL estimator, prefix-consistent variant and the :class:`TrustRegionSignal` are
-identical to the oracle by construction.  A second copy of the loss in Triton is how the Liger /
-TRL copies drifted apart.  The per-token arithmetic is 130 to 200 small ops; launched eagerly
-that is a fixed cost per call of the order of the whole vocabulary pass at V = 32k, so on CUDA
-it runs under ``torch.compile`` (``compile_math="auto"``, :mod:`grpo_fix.compiled_math`), which
-fuses the same source into a few kernels.  Host syncs that do not depend on the log-probs (the
-prefix classes) happen before the kernel launch, and the value checks are read after the
-forward math is queued.
+The kernels take tensors and return log-probs or gradients; nothing here knows the loss.  The
+expensive part of a policy loss is the vocabulary: the passes over the ``[N, V]`` logits
+(logsumexp, selected log-prob, softmax gradient) and the lm_head GEMMs.  The GRPO math (every
+preset, the trust-region signal) stays in one torch implementation in :mod:`grpo_fix.loss`, which
+calls these kernels or their torch references (:mod:`.reference`) through
+``GroupSurrogateLoss(backend=...)``.
 
-Entry points:
-
-- :func:`logits_surrogate_loss`: from materialised logits ``(B, T[+1], V)``; the gradient is
-  written in place into the logits buffer (``inplace_backward=True``).
-- :func:`linear_surrogate_loss`: logits-free, from ``hidden`` and ``lm_head.weight`` (three
-  GEMMs in all, computed during forward, dW accumulated in fp32, frozen weight skips dW).
-- :func:`selective_logprob` (differentiable), :func:`selective_logprob_nograd` and
-  :func:`linear_logprobs` (no grad, for old / reference policies).
+- :mod:`.logprob`: :func:`selective_logprob` (differentiable; the gradient can be written in place
+  into the logits), :func:`selective_logprob_nograd`, and the raw :func:`logprob_forward` /
+  :func:`logprob_backward`.
+- :mod:`.linear`: :func:`fused_linear_logprob` (logits-free: three GEMMs per chunk, fp32 dW, the
+  upstream gradient from a callback) and :func:`linear_logprobs` (no grad).
+- :mod:`.adamw_step`: the single-pass clip-aware AdamW update of :class:`grpo_fix.ClipAwareAdamW`.
+- :mod:`.reference`: the torch reference of each; :mod:`.checks`: the input checks both share.
 
 ``import grpo_fix.kernels`` needs neither triton nor CUDA (triton is imported on first launch).
 Calling a kernel needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton
-is imported (tests); otherwise it raises ``RuntimeError``.  Unsupported dtypes, devices or shapes
-raise ``ValueError``.  Packed (padding-free) inputs: pass ``cu_seqlens`` to either loss; position
-ids are not accepted (derive ``cu_seqlens`` from them).
+is imported (tests); otherwise it raises ``RuntimeError``.  Bad input raises ``ValueError`` naming
+the argument.  Packed (padding-free) inputs take ``(N, V)`` logits and ``(N,)`` ids.
 """
 
-from .linear_loss import dw_accumulation, linear_logprobs, linear_surrogate_loss
-from .logits_loss import logits_surrogate_loss, resolve_loss_config
-from .logprob import (
-    SUPPORTED_LOGIT_DTYPES,
-    logprob_backward,
-    logprob_forward,
-    selective_logprob,
-    selective_logprob_nograd,
-)
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from typing import Any
+
+from .checks import SUPPORTED_LOGIT_DTYPES
+from .linear import LinearLogprobs, dw_accumulation, fused_linear_logprob, linear_logprobs
+from .logprob import logprob_backward, logprob_forward, selective_logprob, selective_logprob_nograd
+from .reference import adamw_step_reference, linear_logprob_reference, selective_logprob_reference
 
 
-def is_available(device=None) -> bool:
+def is_available(device: Any = None) -> bool:
     """Whether the Triton kernels can run here: triton importable and CUDA (or TRITON_INTERPRET=1)."""
     import importlib.util
     import os
@@ -50,21 +43,53 @@ def is_available(device=None) -> bool:
 
     if importlib.util.find_spec("triton") is None:
         return False
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if device is not None and torch.device(device).type == "cpu":
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        return interpret
+    return torch.cuda.is_available() or interpret
+
+
+#: Loss entry points that lived here in 0.1 and moved to the loss room (``grpo_fix``); the old
+#: names still resolve, with a DeprecationWarning, until the next release.  They are looked up on
+#: the parent package, which is fully imported before any of its subpackages is used, so this
+#: package never imports the layer above it.
+_MOVED = {
+    "logits_surrogate_loss": "logits_surrogate_loss",
+    "linear_surrogate_loss": "linear_surrogate_loss",
+    "resolve_loss_config": "loss.backend.loss_config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new = _MOVED[name]
+    warnings.warn(
+        f"grpo_fix.kernels.{name} is deprecated and will be removed in the next release; use "
+        f"grpo_fix.{new} (the loss entry points take backend='triton' to force the kernels)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    target: Any = sys.modules[__name__.rpartition(".")[0]]
+    for part in new.split("."):
+        target = getattr(target, part)
+    if name == "resolve_loss_config":
+        return target
+    return functools.partial(target, backend="triton")
 
 
 __all__ = [
     "SUPPORTED_LOGIT_DTYPES",
+    "LinearLogprobs",
+    "adamw_step_reference",
     "dw_accumulation",
+    "fused_linear_logprob",
     "is_available",
+    "linear_logprob_reference",
     "linear_logprobs",
-    "linear_surrogate_loss",
-    "logits_surrogate_loss",
     "logprob_backward",
     "logprob_forward",
-    "resolve_loss_config",
     "selective_logprob",
     "selective_logprob_nograd",
+    "selective_logprob_reference",
 ]

@@ -34,7 +34,7 @@ __all__ = ["triton_available", "adamw_step_"]
 BLOCK = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel():
     import triton
     import triton.language as tl

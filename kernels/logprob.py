@@ -23,7 +23,7 @@ import os
 
 import torch
 
-SUPPORTED_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .checks import SUPPORTED_LOGIT_DTYPES, check_logits, check_temperature, raise_if_ids_out_of_range
 
 
 def _interpret() -> bool:
@@ -45,7 +45,7 @@ def check_device(t: torch.Tensor, what: str = "input") -> None:
     raise ValueError(f"unsupported device {t.device} for {what}: the Triton kernels run on CUDA (or CPU interpreter)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels():
     """Define the kernels on first use (lazy ``import triton``)."""
     try:
@@ -56,11 +56,23 @@ def _kernels():
 
     @triton.jit
     def logprob_fwd_kernel(
-        logits_ptr, ids_ptr, mask_ptr, logp_ptr, lse_ptr,
-        T, V,
-        s_lb, s_lt, s_ib, s_it, s_mb, s_mt,
+        logits_ptr,
+        ids_ptr,
+        mask_ptr,
+        logp_ptr,
+        lse_ptr,
+        T,
+        V,
+        s_lb,
+        s_lt,
+        s_ib,
+        s_it,
+        s_mb,
+        s_mt,
         inv_temp,
-        HAS_MASK: tl.constexpr, SAVE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        SAVE_LSE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         n = tl.program_id(0).to(tl.int64)
         b = n // T
@@ -100,11 +112,25 @@ def _kernels():
 
     @triton.jit
     def logprob_bwd_kernel(
-        logits_ptr, grad_ptr, ids_ptr, mask_ptr, lse_ptr, dlogp_ptr,
-        T, V,
-        s_lb, s_lt, s_gb, s_gt, s_ib, s_it, s_mb, s_mt,
+        logits_ptr,
+        grad_ptr,
+        ids_ptr,
+        mask_ptr,
+        lse_ptr,
+        dlogp_ptr,
+        T,
+        V,
+        s_lb,
+        s_lt,
+        s_gb,
+        s_gt,
+        s_ib,
+        s_it,
+        s_mb,
+        s_mt,
         inv_temp,
-        HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         n = tl.program_id(0).to(tl.int64)
         b = n // T
@@ -157,49 +183,29 @@ def _as_3d(t: torch.Tensor, B: int, T: int) -> tuple[int, int]:
     return 0, t.stride(0)  # (N,): B == 1, t == n
 
 
-def _prepare(logits, ids, mask, what="logits"):
-    """Validate and return (B, T, V, logits strides, ids, mask view) for the launch."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"{what} must be a tensor, got {type(logits)}")
+def _prepare(logits, ids, mask):
+    """Validate (:mod:`.checks` plus what the Triton launch needs) and return
+    ``(B, T, V, logits strides, ids, mask view)``."""
+    V = check_logits(logits, ids, mask)
     if logits.dtype not in SUPPORTED_LOGIT_DTYPES:
-        raise ValueError(f"{what} dtype {logits.dtype} is not supported; use one of {SUPPORTED_LOGIT_DTYPES}")
-    check_device(logits, what)
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
-    if ids.device != logits.device:
-        raise ValueError(f"ids on {ids.device} but {what} on {logits.device}")
-    if ids.dim() not in (1, 2):
-        raise ValueError(f"ids must be (B, T) or packed (N,), got shape {tuple(ids.shape)}")
-    if logits.dim() != ids.dim() + 1:
-        raise ValueError(f"{what} must be (B, T, V) for (B, T) ids or (N, V) for (N,) ids, got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits dtype {logits.dtype} is not supported by the Triton kernels; use one of "
+            f"{SUPPORTED_LOGIT_DTYPES} (or the torch backend)"
+        )
+    check_device(logits, "logits")
     if logits.stride(-1) != 1:
         raise ValueError(
-            f"{what} must be contiguous along the vocab dimension (stride(-1) == 1), got strides {logits.stride()}; "
+            f"logits must be contiguous along the vocab dimension (stride(-1) == 1), got strides {logits.stride()}; "
             "rows may have any stride"
         )
     if ids.dim() == 2:
         B, T = ids.shape
-        if logits.shape[0] != B or logits.shape[1] not in (T, T + 1):
-            raise ValueError(
-                f"{what} shape {tuple(logits.shape)} does not match ids {tuple(ids.shape)}: expected (B, T, V) or "
-                "(B, T + 1, V) (the extra last position is ignored)"
-            )
         s_lb, s_lt = logits.stride(0), logits.stride(1)
     else:
         B, T = 1, ids.shape[0]
-        if logits.shape[0] != T:
-            raise ValueError(f"{what} shape {tuple(logits.shape)} does not match packed ids {tuple(ids.shape)}")
         s_lb, s_lt = 0, logits.stride(0)
-    V = logits.shape[-1]
-    if mask is not None:
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask on {mask.device} but {what} on {logits.device}")
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)  # same strides, loadable
-        elif mask.dtype.is_complex:
-            raise ValueError(f"mask must be bool or 0/1 numeric, got {mask.dtype}")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same strides, loadable
     return B, T, V, s_lb, s_lt, ids, mask
 
 
@@ -207,8 +213,7 @@ def logprob_forward(logits, ids, mask=None, temperature: float = 1.0, save_lse: 
     """Selected log-probs ``log_softmax(logits / T)[id]`` (fp32, shape of ``ids``; 0 where masked)
     and the per-row softmax statistics ``(..., 2)`` = (max, log-sum-exp past the max) of
     ``logits / T`` for :func:`logprob_backward` (or None)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
     B, T, V, s_lb, s_lt, ids, mask = _prepare(logits, ids, mask)
     N = B * T
     logp = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
@@ -221,9 +226,24 @@ def logprob_forward(logits, ids, mask=None, temperature: float = 1.0, save_lse: 
     s_mb, s_mt = _as_3d(mask, B, T) if mask is not None else (0, 0)
     block = _block_v(V, _interpret())
     fwd[(N,)](
-        logits, ids, mask if mask is not None else ids, logp, lse,
-        T, V, s_lb, s_lt, s_ib, s_it, s_mb, s_mt, 1.0 / float(temperature),
-        HAS_MASK=mask is not None, SAVE_LSE=save_lse, BLOCK_V=block, num_warps=_num_warps(block),
+        logits,
+        ids,
+        mask if mask is not None else ids,
+        logp,
+        lse,
+        T,
+        V,
+        s_lb,
+        s_lt,
+        s_ib,
+        s_it,
+        s_mb,
+        s_mt,
+        1.0 / float(temperature),
+        HAS_MASK=mask is not None,
+        SAVE_LSE=save_lse,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
     )
     return logp, (lse if save_lse else None)
 
@@ -250,9 +270,26 @@ def logprob_backward(logits, ids, mask, lse, dlogp, temperature: float = 1.0, in
     s_mb, s_mt = _as_3d(mask, B, T) if mask is not None else (0, 0)
     block = _block_v(V, _interpret())
     bwd[(N,)](
-        logits, grad, ids, mask if mask is not None else ids, lse, dlogp,
-        T, V, s_lb, s_lt, s_gb, s_gt, s_ib, s_it, s_mb, s_mt, 1.0 / float(temperature),
-        HAS_MASK=mask is not None, BLOCK_V=block, num_warps=_num_warps(block),
+        logits,
+        grad,
+        ids,
+        mask if mask is not None else ids,
+        lse,
+        dlogp,
+        T,
+        V,
+        s_lb,
+        s_lt,
+        s_gb,
+        s_gt,
+        s_ib,
+        s_it,
+        s_mb,
+        s_mt,
+        1.0 / float(temperature),
+        HAS_MASK=mask is not None,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
     )
     return grad
 
@@ -265,11 +302,19 @@ class _SelectiveLogProb(torch.autograd.Function):
         ctx.has_mask = mask is not None
         ctx.temperature = temperature
         ctx.inplace = inplace
+        ctx.consumed = False
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dlogp):
+        if ctx.inplace and ctx.consumed:
+            raise RuntimeError(
+                "selective_logprob(inplace=True): backward can run only once per forward (the first one wrote "
+                "the gradient over the logits); recompute the forward, or pass inplace=False "
+                "(inplace_backward=False in the loss) to keep the logits"
+            )
+        ctx.consumed = True
         logits, ids, mask, lse = ctx.saved_tensors
         grad = logprob_backward(
             logits, ids, mask if ctx.has_mask else None, lse, dlogp, ctx.temperature, inplace=ctx.inplace
@@ -283,21 +328,32 @@ def selective_logprob(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     inplace: bool = False,
+    *,
+    check_ids_range: bool = True,
 ) -> torch.Tensor:
     """Differentiable ``log_softmax(logits / temperature).gather(-1, ids)`` in fp32, 0 where masked.
 
     ``logits`` ``(B, T, V)`` (or ``(B, T + 1, V)``: the last position is ignored) or packed
-    ``(N, V)``; any float dtype, any row strides, vocab stride 1.  ``ids`` / ``mask`` ``(B, T)``
-    or ``(N,)``, any strides.  ``inplace=True`` writes the gradient into the logits buffer during
-    backward (the logits values are destroyed; nothing else may read them afterwards).
+    ``(N, V)``; fp32 / bf16 / fp16, any row strides, vocab stride 1.  ``ids`` / ``mask``
+    ``(B, T)`` or ``(N,)``, any strides; masked ids may hold anything.  ``inplace=True`` writes the
+    gradient into the logits buffer during backward (the logits values are destroyed; nothing else
+    may read them afterwards, and backward runs once).  ``check_ids_range``: raise ``ValueError``
+    for ids outside ``[0, V)`` at valid positions (one host sync; a loss that reads the flag of
+    :func:`~grpo_fix.kernels.checks.ids_out_of_range` with its own checks passes False).
     """
-    return _SelectiveLogProb.apply(logits, ids, mask, float(temperature), bool(inplace))
+    if check_ids_range:
+        check_logits(logits, ids, mask)
+        raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
+    return _SelectiveLogProb.apply(logits, ids, mask, check_temperature(temperature), bool(inplace))
 
 
 @torch.no_grad()
 def selective_logprob_nograd(
     logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
-    """No-grad selected log-probs for the old / reference policy (no logsumexp saved)."""
+    """No-grad selected log-probs for the old / reference policy (no logsumexp saved); ids outside
+    ``[0, V)`` at valid positions raise ``ValueError``."""
+    check_logits(logits, ids, mask)
+    raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
     logp, _ = logprob_forward(logits, ids, mask, temperature, save_lse=False)
     return logp

@@ -172,18 +172,36 @@ def _random_call(draw):
         logp, old, mask, ids = (x.t().contiguous().t() for x in (logp, old, mask, ids))
     preset = draw(st.sampled_from(sorted(PRESETS)))
     beta = draw(st.sampled_from([0.0, 0.1]))
-    return dict(logp=logp, old=old, mask=mask, rewards=rewards, ids=ids, G=G, preset=preset, beta=beta,
-                with_ids=draw(st.booleans()))
+    return dict(
+        logp=logp,
+        old=old,
+        mask=mask,
+        rewards=rewards,
+        ids=ids,
+        G=G,
+        preset=preset,
+        beta=beta,
+        with_ids=draw(st.booleans()),
+    )
 
 
-@settings(max_examples=int(__import__("os").environ.get("GRPO_FIX_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(__import__("os").environ.get("GRPO_FIX_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_random_call())
 def test_property_finite_loss_and_gradient(c):
     adv = group_advantages(c["rewards"], c["G"])
     leaf = c["logp"].clone().requires_grad_()
     out = GroupSurrogateLoss(c["preset"], beta=c["beta"])(
-        leaf, c["old"], adv, c["mask"], group_size=c["G"],
-        completion_ids=c["ids"] if c["with_ids"] else None, ref_logp=c["old"] if c["beta"] else None,
+        leaf,
+        c["old"],
+        adv,
+        c["mask"],
+        group_size=c["G"],
+        completion_ids=c["ids"] if c["with_ids"] else None,
+        ref_logp=c["old"] if c["beta"] else None,
     )
     (grad,) = torch.autograd.grad(out.loss, leaf)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
@@ -246,8 +264,11 @@ def _extreme_logits(draw):
     return dict(logits=logits.to(dtype), ids=ids, mask=mask, old=old, adv=adv)
 
 
-@settings(max_examples=int(__import__("os").environ.get("GRPO_FIX_HYPOTHESIS_EXAMPLES", "60")) // 2, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(__import__("os").environ.get("GRPO_FIX_HYPOTHESIS_EXAMPLES", "60")) // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_extreme_logits())
 def test_property_kernel_logits_entry_extreme_values(c):
     """grpo_fix.kernels.logits_surrogate_loss (Triton; TRITON_INTERPRET=1 on CPU) with +-1e4, inf
@@ -262,11 +283,13 @@ def test_property_kernel_logits_entry_extreme_values(c):
     leaf = c["logits"].clone().requires_grad_()
     if not torch.isfinite(ref_logp[valid]).all():
         with pytest.raises(ValueError, match="NaN/inf at valid"):
-            logits_surrogate_loss(loss_fn, leaf, c["ids"], c["old"], c["adv"], c["mask"], group_size=None,
-                                  inplace_backward=False)
+            logits_surrogate_loss(
+                loss_fn, leaf, c["ids"], c["old"], c["adv"], c["mask"], group_size=None, inplace_backward=False
+            )
         return
-    out = logits_surrogate_loss(loss_fn, leaf, c["ids"], c["old"], c["adv"], c["mask"], group_size=None,
-                                inplace_backward=False)
+    out = logits_surrogate_loss(
+        loss_fn, leaf, c["ids"], c["old"], c["adv"], c["mask"], group_size=None, inplace_backward=False
+    )
     out.loss.backward()
     grad = leaf.grad.float()
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()

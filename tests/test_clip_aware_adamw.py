@@ -9,16 +9,21 @@ import math
 import pytest
 import torch
 
-from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+from grpo_fix import ClipAwareAdamW, GroupSurrogateLoss
 from grpo_fix.signal import TrustRegionSignal
-from grpo_fix.surrogate import GroupSurrogateLoss
 
 
 def sig(active=1.0, total=1.0, overshoot=0.0, eligible=100.0, rollout_start=False, clipped=0.0):
     t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
     return TrustRegionSignal(
-        active_mass=t(active), total_mass=t(total), num_tokens=t(eligible), num_eligible=t(eligible),
-        num_clipped=t(clipped), num_overshoot=t(overshoot), max_excess=t(0.0), rollout_start=rollout_start,
+        active_mass=t(active),
+        total_mass=t(total),
+        num_tokens=t(eligible),
+        num_eligible=t(eligible),
+        num_clipped=t(clipped),
+        num_overshoot=t(overshoot),
+        max_excess=t(0.0),
+        rollout_start=rollout_start,
     )
 
 
@@ -138,7 +143,7 @@ def test_prop3_adamw_residual_matches_eqs_32_36(T):
 def test_prop3_gate_kappa0_moves_exactly_zero(T):
     steps = run_clip_scenario(ClipAwareAdamW, T, 5, kappa_clipped=0.0)
     assert steps[T - 2] > 0
-    assert all(s == 0.0 for s in steps[T - 1:])
+    assert all(s == 0.0 for s in steps[T - 1 :])
 
 
 @pytest.mark.parametrize("T", [5, 50])
@@ -190,13 +195,40 @@ def test_controller_alpha_sequence_and_reset():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ClipAwareAdamW([p], tau=0.02, grow=1.25, reset_on_rollout=True)
     seq = []
-    for s in [sig(overshoot=5), sig(overshoot=5), sig(overshoot=1), sig(overshoot=0), sig(overshoot=2),
-              sig(overshoot=0), sig(overshoot=0), sig(overshoot=0), sig(overshoot=0), sig(overshoot=0),
-              sig(overshoot=9), sig(overshoot=9, rollout_start=True), sig(overshoot=9), sig(rollout_start=True)]:
+    for s in [
+        sig(overshoot=5),
+        sig(overshoot=5),
+        sig(overshoot=1),
+        sig(overshoot=0),
+        sig(overshoot=2),
+        sig(overshoot=0),
+        sig(overshoot=0),
+        sig(overshoot=0),
+        sig(overshoot=0),
+        sig(overshoot=0),
+        sig(overshoot=9),
+        sig(overshoot=9, rollout_start=True),
+        sig(overshoot=9),
+        sig(rollout_start=True),
+    ]:
         opt.observe(s)
         seq.append(opt.alpha)
-    exp = [0.5, 0.25, 0.3125, 0.390625, 0.48828125, 0.6103515625, 0.762939453125, 0.95367431640625, 1.0, 1.0,
-           0.5, 0.5, 0.25, 1.0]
+    exp = [
+        0.5,
+        0.25,
+        0.3125,
+        0.390625,
+        0.48828125,
+        0.6103515625,
+        0.762939453125,
+        0.95367431640625,
+        1.0,
+        1.0,
+        0.5,
+        0.5,
+        0.25,
+        1.0,
+    ]
     assert seq == pytest.approx(exp, rel=1e-12)
     assert opt.last_stats["alpha"] == 1.0
     # f == tau exactly is not above tau
@@ -212,8 +244,13 @@ def test_controller_default_carries_alpha_across_rollouts_and_keeps_momentum():
     opt = ClipAwareAdamW([p], lr=1e-2, gate=False)
     assert (opt.tau, opt.alpha_init) == (0.05, 1.0)
     seq = []
-    for s in [sig(overshoot=10), sig(overshoot=5), sig(overshoot=6), sig(rollout_start=True),
-              sig(overshoot=9, rollout_start=True)]:
+    for s in [
+        sig(overshoot=10),
+        sig(overshoot=5),
+        sig(overshoot=6),
+        sig(rollout_start=True),
+        sig(overshoot=9, rollout_start=True),
+    ]:
         opt.observe(s)
         seq.append(opt.alpha)
     g = opt.grow
@@ -321,7 +358,12 @@ def test_controller_momentum_halving_is_applied_once():
 
 def test_skipped_steps_survive_state_dict_round_trip():
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = ClipAwareAdamW([p, ], nonfinite="skip")
+    opt = ClipAwareAdamW(
+        [
+            p,
+        ],
+        nonfinite="skip",
+    )
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
     opt.step()
     opt.step()
@@ -446,7 +488,10 @@ def test_backtrack_with_surrogate_loss_signal():
 
     old = logp_of(logits0)
     results = {}
-    for name, kw in {"adamw": dict(gate=False, controller=False), "backtrack": dict(backtrack=True, tau=0.05, max_backtracks=8)}.items():
+    for name, kw in {
+        "adamw": dict(gate=False, controller=False),
+        "backtrack": dict(backtrack=True, tau=0.05, max_backtracks=8),
+    }.items():
         w = torch.nn.Parameter(logits0.clone())
         opt = ClipAwareAdamW([w], lr=0.3, weight_decay=0.0, **kw)
         opt.set_backtrack_fn(lambda: loss_fn(logp_of(w), old, adv, mask, group_size=G).signal)
@@ -627,10 +672,23 @@ def test_nonfinite_gradient_raise():
 def test_nonfinite_signal(field, bad):
     params, opt = warmed("raise")
     s = sig()
-    s = TrustRegionSignal(**{**{f: getattr(s, f) for f in
-                                ("active_mass", "total_mass", "num_tokens", "num_eligible", "num_clipped",
-                                 "num_overshoot", "max_excess")},
-                             field: torch.tensor(bad, dtype=torch.float64)})
+    s = TrustRegionSignal(
+        **{
+            **{
+                f: getattr(s, f)
+                for f in (
+                    "active_mass",
+                    "total_mass",
+                    "num_tokens",
+                    "num_eligible",
+                    "num_clipped",
+                    "num_overshoot",
+                    "max_excess",
+                )
+            },
+            field: torch.tensor(bad, dtype=torch.float64),
+        }
+    )
     snap = snapshot(opt, params)
     with pytest.raises(ValueError, match="non-finite"):
         opt.observe(s)
@@ -764,9 +822,12 @@ def test_triton_kernel_matches_reference(pdtype):
     steps = [torch.tensor(float(s)) for s in (0, 4, 9)]
     scales = [1.0, 0.5, 0.0]
     kw = dict(lr=1e-2, alpha=0.25, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    refs = [reference_step(p, g, m, v, float(s) + 1, kw["lr"], kw["alpha"], kw["beta1"], kw["beta2"],
-                           kw["eps"], kw["weight_decay"], sc)
-            for p, g, m, v, s, sc in zip(ps, gs, ms, vs, steps, scales)]
+    refs = [
+        reference_step(
+            p, g, m, v, float(s) + 1, kw["lr"], kw["alpha"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], sc
+        )
+        for p, g, m, v, s, sc in zip(ps, gs, ms, vs, steps, scales)
+    ]
     adamw_step_(ps, gs, ms, vs, steps, m_scales=scales, **kw)
     assert [float(s) for s in steps] == [1.0, 5.0, 10.0]
     for p, m, v, (rp, rm, rv) in zip(ps, ms, vs, refs):
@@ -790,8 +851,8 @@ def test_optimizer_triton_path_matches_torch_path():
     b_p = [p.to(dev) for p in make_params()]
     a_p = [torch.nn.Parameter(p.detach()) for p in a_p]
     b_p = [torch.nn.Parameter(p.detach()) for p in b_p]
-    a = ClipAwareAdamW(groups_of(a_p), kernel="torch", foreach=True)
-    b = ClipAwareAdamW(groups_of(b_p), kernel="triton")
+    a = ClipAwareAdamW(groups_of(a_p), backend="torch", foreach=True)
+    b = ClipAwareAdamW(groups_of(b_p), backend="triton")
     gen = torch.Generator().manual_seed(8)
     for i in range(6):
         for p, q in zip(a_p, b_p):
@@ -813,7 +874,7 @@ def test_cuda_auto_kernel_identity_with_fused_adamw():
     a_p = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
     b_p = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
     ref = torch.optim.AdamW(groups_of(a_p), fused=True)
-    ours = ClipAwareAdamW(groups_of(b_p))  # kernel="auto" -> Triton on CUDA
+    ours = ClipAwareAdamW(groups_of(b_p))  # backend="auto" -> Triton on CUDA
     for _ in range(50):
         for p, q in zip(a_p, b_p):
             g = torch.randn_like(p)
@@ -832,8 +893,22 @@ def test_benchmark_script_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_optimizer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--device", "cpu", "--sizes", "2e4", "--tensors", "4", "--repeats", "2", "--warmup", "1",
-              "--out", str(tmp_path / "b")])
+    mod.main(
+        [
+            "--device",
+            "cpu",
+            "--sizes",
+            "2e4",
+            "--tensors",
+            "4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     import json
 
     res = json.loads((tmp_path / "b.json").read_text())["results"]["20000"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from dist_utils import ds_env, run_worker, single_process_env, torchrun
 
-from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+from grpo_fix import ClipAwareAdamW
 from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
 
 WORKER = Path(__file__).parent / "dist" / "ds_clip_aware_worker.py"
@@ -97,8 +97,10 @@ def test_config_helper_completes_and_validates():
     assert "zero_force_ds_cpu_optimizer" not in cfg
     assert "zero_allow_untested_optimizer" not in base  # input untouched
 
-    off = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
-           "zero_force_ds_cpu_optimizer": True}
+    off = {
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+        "zero_force_ds_cpu_optimizer": True,
+    }
     cfg = clip_aware_deepspeed_config(off)
     assert cfg["zero_force_ds_cpu_optimizer"] is False and cfg["zero_allow_untested_optimizer"] is True
 
@@ -125,8 +127,12 @@ def test_config_helper_errors(cfg, kw, match):
 
 def fake_engine(opt, stage=0, bf16=False):
     return SimpleNamespace(
-        basic_optimizer=opt, zero_optimization_stage=lambda: stage, bfloat16_enabled=lambda: bf16,
-        fp16_enabled=lambda: False, data_parallel_group=None, seq_data_parallel_group=None,
+        basic_optimizer=opt,
+        zero_optimization_stage=lambda: stage,
+        bfloat16_enabled=lambda: bf16,
+        fp16_enabled=lambda: False,
+        data_parallel_group=None,
+        seq_data_parallel_group=None,
         zero_cpu_offload=lambda: False,
     )
 

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from dist_utils import launch_env, run_worker, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 
 def test_prefix_bias_synthetic_agrees_with_prop1():
-    from grpo_fix.experiments.prefix_bias import synthetic
+    from grpo_fix.lab.experiments.prefix_bias import synthetic
 
     rows = synthetic(draws=6, G=4)
     by = {(r["preset"], r["prefix"], r["scenario"]): r["bias"] for r in rows}
@@ -26,7 +26,7 @@ def test_prefix_bias_synthetic_agrees_with_prop1():
 
 
 def test_reward_scale_agrees_with_prop2(monkeypatch):
-    from grpo_fix.experiments import reward_scale
+    from grpo_fix.lab.experiments import reward_scale
 
     monkeypatch.setattr(reward_scale, "SCALES", (0.01, 1.0))
     rows = reward_scale.run(rollouts=2, inner_steps=2)
@@ -37,10 +37,25 @@ def test_reward_scale_agrees_with_prop2(monkeypatch):
 
 
 def test_overshoot_experiment_runs_and_mu1_is_on_policy(tmp_path):
-    from grpo_fix.experiments import overshoot
+    from grpo_fix.lab.experiments import overshoot
 
-    rows = overshoot.main(["--mus", "1", "2", "--seeds", "1", "--rollouts", "2", "--optimizers", "adamw", "clip_aware",
-                           "--out", str(tmp_path), "--quiet"])
+    rows = overshoot.main(
+        [
+            "--mus",
+            "1",
+            "2",
+            "--seeds",
+            "1",
+            "--rollouts",
+            "2",
+            "--optimizers",
+            "adamw",
+            "clip_aware",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     for r in rows:
         if r["mu"] == 1:
             assert r["overshoot_fraction"] == 0.0 and r["max_excess"] == 0.0
@@ -51,7 +66,7 @@ def test_overshoot_experiment_runs_and_mu1_is_on_policy(tmp_path):
 
 def test_lr_robustness_statistics_and_smoke(tmp_path):
     from grpo_fix.cli import main
-    from grpo_fix.experiments.lr_robustness import comparisons, fisher_one_sided, wilson_interval
+    from grpo_fix.lab.experiments.lr_robustness import comparisons, fisher_one_sided, wilson_interval
 
     low, high = wilson_interval(0, 32)
     assert low == 0.0 and high == pytest.approx(3.8415 / 35.8415, rel=1e-4)
@@ -60,13 +75,31 @@ def test_lr_robustness_statistics_and_smoke(tmp_path):
     # 4 of 48 vs 0 of 48: P(X >= 4) = C(48,4) / C(96,4); equal rates give p = 1 at k = 0
     assert fisher_one_sided(4, 48, 0, 48) == pytest.approx(194580 / 3321960)
     assert fisher_one_sided(0, 10, 0, 10) == 1.0 and fisher_one_sided(3, 10, 3, 10) > 0.5
-    rows = [dict(lr=0.1, optimizer="adamw", runs=10, collapses=5), dict(lr=0.1, optimizer="clip_aware", runs=10,
-                                                                        collapses=0)]
+    rows = [
+        dict(lr=0.1, optimizer="adamw", runs=10, collapses=5),
+        dict(lr=0.1, optimizer="clip_aware", runs=10, collapses=0),
+    ]
     (t,) = comparisons(rows)
     assert t["collapses"] == "0/10 vs 5/10" and t["fisher_p_one_sided"] == pytest.approx(fisher_one_sided(5, 10, 0, 10))
 
-    assert main(["experiment", "lr-robustness", "--lrs", "0.01", "--seeds", "1", "--rollouts", "2", "--out",
-                 str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "lr-robustness",
+                "--lrs",
+                "0.01",
+                "--seeds",
+                "1",
+                "--rollouts",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "lr_robustness.json").read_text())
     assert {r["optimizer"] for r in data["rows"]} == {"adamw", "clip_aware"} and len(data["runs"]) == 2
     assert "Fisher" in (tmp_path / "lr_robustness.md").read_text()

@@ -19,15 +19,24 @@ import contextlib
 
 import pytest
 import torch
+from test_kernels import cfg_for, make_batch, oracle_logp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import grpo_fix.kernels.logprob as logprob_mod
 from grpo_fix import surrogate_loss
 from grpo_fix.kernels import logits_surrogate_loss
-from test_kernels import cfg_for, make_batch, oracle_logp
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique_dim", "_unique2", "unique_consecutive", "masked_select",
-            "is_nonzero", "equal", "item"}
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "unique_dim",
+    "_unique2",
+    "unique_consecutive",
+    "masked_select",
+    "is_nonzero",
+    "equal",
+    "item",
+}
 KERNEL = "<kernel>"
 
 
@@ -43,7 +52,8 @@ class OpLog(TorchDispatchMode):
         if not self.paused:
             name = func.overloadpacket.__name__
             bool_index = name in ("index", "index_put", "index_put_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+            )
             self.ops.append("SYNC:" + name if name in SYNC_OPS or bool_index else name)
         return func(*args, **(kwargs or {}))
 
@@ -79,8 +89,9 @@ def test_surrogate_loss_syncs_once_at_the_end(name, beta):
     d = make_batch(seed=1)
     lp = oracle_logp(d["logits"], d["ids"]).detach().requires_grad_(True)
     with OpLog() as log:
-        out = surrogate_loss(cfg_for(name, beta), lp, d["old"], d["adv"], d["mask"], group_size=None,
-                             ref_logp=d["ref"] if beta else None)
+        out = surrogate_loss(
+            cfg_for(name, beta), lp, d["old"], d["adv"], d["mask"], group_size=None, ref_logp=d["ref"] if beta else None
+        )
     assert log.syncs() == [len(log.ops) - 1], log.ops
     with OpLog() as log:
         out.loss.backward()
@@ -91,8 +102,17 @@ def test_logits_path_syncs_only_before_the_kernel_and_at_the_end(oplog):
     d = make_batch(seed=2)
     z = d["logits"].clone().requires_grad_(True)
     with oplog:
-        out = logits_surrogate_loss(cfg_for("uniform", 0.05), z * 1, d["ids"], d["old"], d["adv"], d["mask"],
-                                    group_size=d["G"], ref_logp=d["ref"], compile_math=False)
+        out = logits_surrogate_loss(
+            cfg_for("uniform", 0.05),
+            z * 1,
+            d["ids"],
+            d["old"],
+            d["adv"],
+            d["mask"],
+            group_size=d["G"],
+            ref_logp=d["ref"],
+            compile_math=False,
+        )
     ops = oplog.ops
     launch = ops.index(KERNEL)
     syncs = oplog.syncs()
@@ -114,5 +134,4 @@ def test_value_errors_still_raised_after_the_math():
     with pytest.raises(ValueError, match="old_logp has NaN/inf at valid"):
         surrogate_loss(cfg_for("dapo", 0.0), lp, old, d["adv"], d["mask"], group_size=None)
     with pytest.raises(ValueError, match="num_window_tokens is smaller.*"):
-        surrogate_loss(cfg_for("uniform", 0.0), lp, d["old"], d["adv"], d["mask"], group_size=None,
-                       num_window_tokens=1)
+        surrogate_loss(cfg_for("uniform", 0.0), lp, d["old"], d["adv"], d["mask"], group_size=None, num_window_tokens=1)

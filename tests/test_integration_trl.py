@@ -64,8 +64,9 @@ def make_args(tmp_path, **kw):
 def make_trainer(tmp_path, tok, model=None, **kw):
     model = build_model(tok, seed=0) if model is None else model
     args = make_args(tmp_path, **kw)
-    return GRPOFixTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(),
-                          processing_class=tok)
+    return GRPOFixTrainer(
+        model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ TRAIN_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(TRAIN_VARIANTS))
 def test_trains_three_steps(variant, tmp_path, tok, tiny_path):
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
 
     kw = TRAIN_VARIANTS[variant]
     model = tiny_path if kw.get("beta", 0) > 0 else build_model(tok, seed=0)
@@ -111,8 +112,16 @@ def test_trains_three_steps(variant, tmp_path, tok, tiny_path):
     opt = trainer.clip_aware_optimizer()
     assert isinstance(opt, ClipAwareAdamW)
     assert trainer.optimizer.optimizer is opt  # accelerate wraps it; it is the one that steps
-    for key in ("clip_aware/kappa", "clip_aware/alpha", "clip_aware/overshoot_fraction", "grpo_fix/kappa",
-                "grpo_fix/clip_fraction", "grpo_fix/w_agg", "clip_ratio/region_mean", "entropy"):
+    for key in (
+        "clip_aware/kappa",
+        "clip_aware/alpha",
+        "clip_aware/overshoot_fraction",
+        "grpo_fix/kappa",
+        "grpo_fix/clip_fraction",
+        "grpo_fix/w_agg",
+        "clip_ratio/region_mean",
+        "entropy",
+    ):
         assert all(key in h for h in logs), key
     # one observe per optimizer step, rollout_start on the first window of each generation batch
     ga, spg, mu = trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation, trainer.num_iterations
@@ -141,16 +150,24 @@ def test_evaluate(tmp_path, tok):
 def test_plain_grpo_config_refused(tmp_path, tok):
     plain = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     with pytest.raises(TypeError, match="GRPOFixConfig"):
-        GRPOFixTrainer(model=build_model(tok), reward_funcs=reward_len, args=plain,
-                       train_dataset=build_dataset(), processing_class=tok)
+        GRPOFixTrainer(
+            model=build_model(tok),
+            reward_funcs=reward_len,
+            args=plain,
+            train_dataset=build_dataset(),
+            processing_class=tok,
+        )
 
 
-@pytest.mark.parametrize("kw,alpha_init", [
-    (dict(), 1.0),                                                       # on-policy: no warm start
-    (dict(num_iterations=2), 0.1),                                       # replays: warm start
-    (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
-    (dict(num_iterations=2, clip_aware_alpha_init=0.5), 0.5),            # explicit value wins
-])
+@pytest.mark.parametrize(
+    "kw,alpha_init",
+    [
+        (dict(), 1.0),  # on-policy: no warm start
+        (dict(num_iterations=2), 0.1),  # replays: warm start
+        (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
+        (dict(num_iterations=2, clip_aware_alpha_init=0.5), 0.5),  # explicit value wins
+    ],
+)
 def test_warm_start_follows_the_replay_configuration(tmp_path, tok, kw, alpha_init):
     trainer = make_trainer(tmp_path, tok, **{"clip_aware_alpha_init": None, "clip_aware_tau": 0.05, **kw})
     opt = trainer.create_optimizer()
@@ -206,8 +223,13 @@ def test_window_gradient_independent_of_accumulation(tmp_path, tok, patch_genera
     results = {}
     for ga in (1, 2, 4):
         torch.manual_seed(ga)  # a different shuffle for each run: the window sum must not care
-        trainer = make_trainer(tmp_path / f"ga{ga}", tok, per_device_train_batch_size=16 // ga,
-                               gradient_accumulation_steps=ga, num_iterations=2)
+        trainer = make_trainer(
+            tmp_path / f"ga{ga}",
+            tok,
+            per_device_train_batch_size=16 // ga,
+            gradient_accumulation_steps=ga,
+            num_iterations=2,
+        )
         results[ga] = run_window(trainer, ga)
         assert trainer.args.steps_per_generation == ga
         logged = trainer._metrics["train"]
@@ -229,8 +251,9 @@ def test_window_normaliser_exact_when_spg_differs_from_ga(tmp_path, tok, patch_g
     batch = fixed_generation(tok, n_rows=16, seed=1)
     patch_generation(batch)
     torch.manual_seed(0)
-    trainer = make_trainer(tmp_path, tok, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                           steps_per_generation=4)
+    trainer = make_trainer(
+        tmp_path, tok, per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4
+    )
     loss, grads = run_window(trainer, 2)
     buf = trainer._buffered_inputs
     counts = [int(b["completion_mask"].sum()) for b in buf]
@@ -239,8 +262,10 @@ def test_window_normaliser_exact_when_spg_differs_from_ga(tmp_path, tok, patch_g
     assert counts[0] + counts[1] != trl_mean_window  # TRL's normaliser would be off for this batch
 
     # reference: the uniform loss over the window's rows in one call (normaliser = its own tokens)
-    rows = {k: torch.cat([buf[0][k], buf[1][k]]) for k in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                           "completion_mask", "advantages", "old_per_token_logps")}
+    rows = {
+        k: torch.cat([buf[0][k], buf[1][k]])
+        for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps")
+    }
     trainer.model.zero_grad(set_to_none=True)
     ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
     am = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
@@ -288,14 +313,22 @@ PARITY = [
 ]
 
 
-@pytest.mark.parametrize("loss_type,extra", PARITY, ids=[f"{lt}-{'-'.join(f'{k}={v}' for k, v in e.items())}"
-                                                        for lt, e in PARITY])
+@pytest.mark.parametrize(
+    "loss_type,extra", PARITY, ids=[f"{lt}-{'-'.join(f'{k}={v}' for k, v in e.items())}" for lt, e in PARITY]
+)
 def test_parity_with_trl_compute_loss(loss_type, extra, tmp_path, tok, tiny_path, patch_generation):
     beta = extra.get("beta", 0.0) > 0
     batch = fixed_generation(tok, n_rows=8, seed=2, beta=beta)
     patch_generation(batch)
-    trainer = make_trainer(tmp_path, tok, model=tiny_path if beta else None, loss_type=loss_type,
-                           prefix_consistent=False, gradient_accumulation_steps=2, **extra)
+    trainer = make_trainer(
+        tmp_path,
+        tok,
+        model=tiny_path if beta else None,
+        loss_type=loss_type,
+        prefix_consistent=False,
+        gradient_accumulation_steps=2,
+        **extra,
+    )
     assert trainer.args.steps_per_generation == 2
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2
@@ -333,9 +366,16 @@ def test_linear_kernel_matches_torch_path(loss_type, extra, tmp_path, tok, tiny_
     res = {}
     for kernel in ("torch", "linear"):
         torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / kernel, tok, model=tiny_path if beta else None, loss_type=loss_type,
-                               loss_kernel=kernel, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                               **extra)
+        trainer = make_trainer(
+            tmp_path / kernel,
+            tok,
+            model=tiny_path if beta else None,
+            loss_type=loss_type,
+            loss_kernel=kernel,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            **extra,
+        )
         assert trainer._gf_linear == (kernel == "linear")
         res[kernel] = run_window(trainer, 2)
         res[kernel + "_metrics"] = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -373,9 +413,14 @@ def test_loss_compile_math_always_equals_never(tmp_path, tok, patch_generation):
     res = {}
     for choice in ("always", "never"):
         torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / choice, tok, loss_compile_math=choice, per_device_train_batch_size=4,
-                               gradient_accumulation_steps=2)
-        assert trainer.surrogate.compile_math is (choice == "always")
+        trainer = make_trainer(
+            tmp_path / choice,
+            tok,
+            loss_compile_math=choice,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+        )
+        assert trainer.surrogate.compile_math == choice
         res[choice] = run_window(trainer, 2)
         if choice == "always":
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
@@ -442,8 +487,14 @@ def test_wrong_optimizer_detected(tmp_path, tok):
     """If something replaced ClipAwareAdamW (here: a user optimizer), the trainer says so."""
     model = build_model(tok, seed=0)
     args = make_args(tmp_path, max_steps=1)
-    trainer = GRPOFixTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(),
-                             processing_class=tok, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    trainer = GRPOFixTrainer(
+        model=model,
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=build_dataset(),
+        processing_class=tok,
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
     with pytest.raises(RuntimeError, match="replaced ClipAwareAdamW"):
         trainer.train()
 

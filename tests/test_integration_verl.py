@@ -59,13 +59,29 @@ def test_equals_written_out_verl_loss(low, high, c, distributed):
     loss, metrics = gv.policy_loss(old, lp, adv, mask, "token-mean", actor_cfg(low, high, c, **info), weights)
     loss.backward()
     lr = lp0.clone().requires_grad_(True)
-    ref = verl_vanilla_token_mean(old, lr, adv, mask, low or 0.2, high or 0.2, c,
-                                  97 if distributed else mask.sum(), 2 if distributed else 1, weights)
+    ref = verl_vanilla_token_mean(
+        old,
+        lr,
+        adv,
+        mask,
+        low or 0.2,
+        high or 0.2,
+        c,
+        97 if distributed else mask.sum(),
+        2 if distributed else 1,
+        weights,
+    )
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lp.grad, lr.grad, rtol=1e-12, atol=1e-14)
-    assert set(metrics) >= {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "grpo_fix/kappa",
-                            "grpo_fix/overshoot_fraction", "grpo_fix/max_excess"}
+    assert set(metrics) >= {
+        "actor/pg_clipfrac",
+        "actor/ppo_kl",
+        "actor/pg_clipfrac_lower",
+        "grpo_fix/kappa",
+        "grpo_fix/overshoot_fraction",
+        "grpo_fix/max_excess",
+    }
     assert all(isinstance(v, float) for v in metrics.values())
     assert 0 < metrics["actor/pg_clipfrac"] < 1 and 0 <= metrics["grpo_fix/kappa"] <= 1
     gv.pending_signal()  # leave no pending signal behind for other tests
@@ -78,9 +94,10 @@ def test_parity_with_verl_vanilla():
     if gv.LOSS_NAME not in core_algos.POLICY_LOSS_REGISTRY:
         assert gv.register()
     lp0, old, adv, mask, w = batch(seed=3)
-    for cfg, weights in ((actor_cfg(), None),
-                         (actor_cfg(0.2, 0.28, 1.5, dp_size=2, batch_num_tokens=97, global_batch_size=12,
-                                    loss_scale_factor=None), w)):
+    for cfg, weights in (
+        (actor_cfg(), None),
+        (actor_cfg(0.2, 0.28, 1.5, dp_size=2, batch_num_tokens=97, global_batch_size=12, loss_scale_factor=None), w),
+    ):
         out = {}
         for name in ("vanilla", gv.LOSS_NAME):
             lp = lp0.clone().requires_grad_(True)
@@ -105,8 +122,9 @@ def test_micro_batches_and_ranks_sum_to_the_mini_batch():
     parts = lp0.clone().requires_grad_(True)
     total = 0.0
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        loss, _ = gv.policy_loss(old[rows], parts[rows], adv[rows], mask[rows],
-                                 config=actor_cfg(dp_size=1, batch_num_tokens=n))
+        loss, _ = gv.policy_loss(
+            old[rows], parts[rows], adv[rows], mask[rows], config=actor_cfg(dp_size=1, batch_num_tokens=n)
+        )
         loss.backward()
         total = total + loss.detach()
     ranks = lp0.clone().requires_grad_(True)
@@ -162,8 +180,16 @@ def _window(model, seed, via_verl):
             with torch.no_grad():
                 gv.policy_loss(old, lp.detach(), adv[i].abs(), mask, config=cfg)
         else:
-            out = surrogate_loss(gv.loss_config(cfg), lp, old, adv[i], mask, group_size=None,
-                                 num_window_tokens=cfg.global_batch_info["batch_num_tokens"], dp_size=1)
+            out = surrogate_loss(
+                gv.loss_config(cfg),
+                lp,
+                old,
+                adv[i],
+                mask,
+                group_size=None,
+                num_window_tokens=cfg.global_batch_info["batch_num_tokens"],
+                dp_size=1,
+            )
             out.loss.backward()
             total = out.signal.detach() if total is None else total + out.signal.detach()
     return total
@@ -199,6 +225,7 @@ def test_register_into_verl_registry(monkeypatch):
         def deco(fn):
             registry[name] = fn
             return fn
+
         return deco
 
     core.register_policy_loss = register_policy_loss

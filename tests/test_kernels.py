@@ -36,8 +36,12 @@ cuda = pytest.mark.skipif(
 # the oracle tests run on CPU under the interpreter, and on CUDA with the compiled kernels
 # (`TRITON_INTERPRET=0 pytest tests/test_kernels.py -k cuda` on a GPU machine)
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                                 reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="CPU tensors need TRITON_INTERPRET=1"
+        ),
+    ),
     pytest.param("cuda", marks=cuda),
 ]
 
@@ -110,14 +114,30 @@ def run_logits_pair(cfg, d, *, temperature=1.0, inplace=True, use_ref=False, dty
     # oracle on the same (upcast) values
     z_ref = base.float().clone().requires_grad_(True)
     ref = oracle_loss(
-        cfg, oracle_logp(z_ref, d["ids"], temperature), d["old"], d["adv"], d["mask"],
-        group_size=d["G"], completion_ids=d["ids"], ref_logp=ref_logp, **kw,
+        cfg,
+        oracle_logp(z_ref, d["ids"], temperature),
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        completion_ids=d["ids"],
+        ref_logp=ref_logp,
+        **kw,
     )
     ref.loss.backward()
     z = base.clone().requires_grad_(True)
     out = logits_surrogate_loss(
-        cfg, z * 1 if inplace else z, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
-        temperature=temperature, ref_logp=ref_logp, inplace_backward=inplace, **kw,
+        cfg,
+        z * 1 if inplace else z,
+        d["ids"],
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        temperature=temperature,
+        ref_logp=ref_logp,
+        inplace_backward=inplace,
+        **kw,
     )
     out.loss.backward()
     return out, ref, z.grad, z_ref.grad
@@ -351,22 +371,43 @@ def linear_case(seed=0, B=6, T=7, H=24, V=384, G=3, dtype=torch.float32, spread=
     return d
 
 
-def run_linear_pair(cfg, d, *, chunk_tokens, temperature=1.0, use_ref=False, use_bias=True, frozen=False,
-                    packed_hidden=False):
+def run_linear_pair(
+    cfg, d, *, chunk_tokens, temperature=1.0, use_ref=False, use_bias=True, frozen=False, packed_hidden=False
+):
     ref_logp = d["ref"] if use_ref else None
     h_r = d["hidden"].float().clone().requires_grad_(True)
     W_r = d["weight"].float().clone().requires_grad_(not frozen)
     b_r = d["bias"].float().clone().requires_grad_(True) if use_bias else None
     z = h_r @ W_r.t() + (b_r if use_bias else 0)
-    ref = oracle_loss(cfg, oracle_logp(z, d["ids"], temperature), d["old"], d["adv"], d["mask"],
-                         group_size=d["G"], completion_ids=d["ids"], ref_logp=ref_logp)
+    ref = oracle_loss(
+        cfg,
+        oracle_logp(z, d["ids"], temperature),
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        completion_ids=d["ids"],
+        ref_logp=ref_logp,
+    )
     ref.loss.backward()
     h = d["hidden"].clone().requires_grad_(True)
     W = d["weight"].clone().requires_grad_(not frozen)
     b = d["bias"].clone().requires_grad_(True) if use_bias else None
     hin = h.reshape(-1, h.shape[-1]) if packed_hidden else h
-    out = linear_surrogate_loss(cfg, hin, W, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"], bias=b,
-                                temperature=temperature, ref_logp=ref_logp, chunk_tokens=chunk_tokens)
+    out = linear_surrogate_loss(
+        cfg,
+        hin,
+        W,
+        d["ids"],
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        bias=b,
+        temperature=temperature,
+        ref_logp=ref_logp,
+        chunk_tokens=chunk_tokens,
+    )
     out.loss.backward()
     return out, ref, (h, W, b), (h_r, W_r, b_r)
 
@@ -411,8 +452,9 @@ def test_linear_loss_off_policy_mask_uses_row_chunks():
 
 def test_linear_loss_frozen_weight_no_bias_packed_hidden():
     d = linear_case(seed=51)
-    out, ref, got, want = run_linear_pair(PRESETS["uniform"], d, chunk_tokens=7, use_bias=False, frozen=True,
-                                          packed_hidden=True)
+    out, ref, got, want = run_linear_pair(
+        PRESETS["uniform"], d, chunk_tokens=7, use_bias=False, frozen=True, packed_hidden=True
+    )
     assert_outputs_close(out, ref)
     h, W, b = got
     assert W.grad is None and b is None
@@ -427,8 +469,9 @@ def test_linear_loss_zero_adv_and_no_grad():
     check_linear_grads(got, want)
     assert got[0].grad.abs().max() == 0
     with torch.no_grad():
-        out2 = linear_surrogate_loss("dapo", d["hidden"], d["weight"], d["ids"], d["old"], d["adv"], d["mask"],
-                                     group_size=d["G"], bias=d["bias"])
+        out2 = linear_surrogate_loss(
+            "dapo", d["hidden"], d["weight"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"], bias=d["bias"]
+        )
     torch.testing.assert_close(out2.loss, ref.loss.detach(), **TOL)
 
 
@@ -437,8 +480,9 @@ def test_linear_loss_backward_scales_by_upstream_grad():
     out, ref, got, want = run_linear_pair(PRESETS["grpo"], d, chunk_tokens=11)
     h = d["hidden"].clone().requires_grad_(True)
     W = d["weight"].clone().requires_grad_(True)
-    out3 = linear_surrogate_loss("grpo", h, W, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
-                                 bias=d["bias"], chunk_tokens=11)
+    out3 = linear_surrogate_loss(
+        "grpo", h, W, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"], bias=d["bias"], chunk_tokens=11
+    )
     (3.0 * out3.loss).backward()
     torch.testing.assert_close(h.grad, 3.0 * got[0].grad, **TOL)
     torch.testing.assert_close(W.grad, 3.0 * got[1].grad, **TOL)
@@ -459,13 +503,14 @@ def test_dw_accumulation_mode_and_fp32_accumulator():
     the fp32 sum of the per-chunk products (each rounded to bf16 on CPU, as documented), not a
     running bf16 sum."""
     from grpo_fix.kernels import dw_accumulation
-    from grpo_fix.kernels.linear_loss import _acc_mm
+    from grpo_fix.kernels.linear import _acc_mm
 
     assert dw_accumulation("cpu", torch.float32) == "fp32"
     assert dw_accumulation("cpu", torch.bfloat16) == "16-bit product + fp32 add"
     g = torch.Generator().manual_seed(5)
-    chunks = [(torch.randn(3, 40, generator=g).bfloat16(), torch.randn(40, 2, generator=g).bfloat16())
-              for _ in range(64)]
+    chunks = [
+        (torch.randn(3, 40, generator=g).bfloat16(), torch.randn(40, 2, generator=g).bfloat16()) for _ in range(64)
+    ]
     acc = torch.full((3, 2), 256.0)  # large accumulator: bf16 running sums would lose the small products
     for a, b in chunks:
         _acc_mm(acc, a, b)
@@ -483,17 +528,17 @@ def test_linear_logprobs(temperature):
     z = d["hidden"] @ d["weight"].t() + d["bias"]
     want = oracle_logp(z, d["ids"], temperature) * d["mask"]
     for chunk in (4, 1000):
-        got = linear_logprobs(d["hidden"], d["weight"], d["ids"], d["mask"], bias=d["bias"], temperature=temperature,
-                              chunk_tokens=chunk)
+        got = linear_logprobs(
+            d["hidden"], d["weight"], d["ids"], d["mask"], bias=d["bias"], temperature=temperature, chunk_tokens=chunk
+        )
         torch.testing.assert_close(got, want, **TOL)
-    got = linear_logprobs(d["hidden"].reshape(-1, 24), d["weight"], d["ids"].reshape(-1), bias=d["bias"],
-                          temperature=temperature)
+    got = linear_logprobs(
+        d["hidden"].reshape(-1, 24), d["weight"], d["ids"].reshape(-1), bias=d["bias"], temperature=temperature
+    )
     torch.testing.assert_close(got, oracle_logp(z, d["ids"], temperature).reshape(-1), **TOL)
 
 
 # ----------------------------------------------------------------------------- GPU only
-
-
 
 
 def _cos(a, b):
@@ -559,20 +604,39 @@ def packed_case(seed=0, G=3, H=16, V=320):
     old = lp + torch.randn(N, generator=g) * 0.3
     ref = lp + torch.randn(N, generator=g) * 0.3
     adv = group_advantages(torch.randn(B, generator=g), G)
-    return dict(cu=cu, lengths=lengths, B=B, T=T, ids=ids, mask=mask, hidden=hidden, weight=weight, old=old, ref=ref,
-                adv=adv, G=G, logits=hidden @ weight.t())
+    return dict(
+        cu=cu,
+        lengths=lengths,
+        B=B,
+        T=T,
+        ids=ids,
+        mask=mask,
+        hidden=hidden,
+        weight=weight,
+        old=old,
+        ref=ref,
+        adv=adv,
+        G=G,
+        logits=hidden @ weight.t(),
+    )
 
 
 def pad_ref(x, d, fill=0):
     """Independent padding of a packed (N,) tensor to (B, T) (differentiable)."""
-    pieces = [x[int(d["cu"][b]): int(d["cu"][b + 1])] for b in range(d["B"])]
+    pieces = [x[int(d["cu"][b]) : int(d["cu"][b + 1])] for b in range(d["B"])]
     return torch.stack([torch.nn.functional.pad(p, (0, d["T"] - p.numel()), value=fill) for p in pieces])
 
 
 def packed_oracle(cfg, d, z, use_ref):
     return oracle_loss(
-        cfg, pad_ref(oracle_logp(z, d["ids"]), d), pad_ref(d["old"], d), d["adv"], pad_ref(d["mask"], d, False),
-        group_size=d["G"], completion_ids=pad_ref(d["ids"], d), ref_logp=pad_ref(d["ref"], d) if use_ref else None,
+        cfg,
+        pad_ref(oracle_logp(z, d["ids"]), d),
+        pad_ref(d["old"], d),
+        d["adv"],
+        pad_ref(d["mask"], d, False),
+        group_size=d["G"],
+        completion_ids=pad_ref(d["ids"], d),
+        ref_logp=pad_ref(d["ref"], d) if use_ref else None,
     )
 
 
@@ -589,8 +653,9 @@ def test_packed_logits_and_linear(name, beta, device):
     ref = packed_oracle(cfg, d, zr, use_ref)
     ref.loss.backward()
     z = d["logits"].clone().requires_grad_(True)
-    out = logits_surrogate_loss(cfg, z * 1, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
-                                ref_logp=ref_logp, cu_seqlens=d["cu"])
+    out = logits_surrogate_loss(
+        cfg, z * 1, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"], ref_logp=ref_logp, cu_seqlens=d["cu"]
+    )
     out.loss.backward()
     assert_outputs_close(out, ref)
     torch.testing.assert_close(z.grad, zr.grad, **TOL)
@@ -600,8 +665,19 @@ def test_packed_logits_and_linear(name, beta, device):
     ref.loss.backward()
     for chunk in (4, 50):
         h, W = d["hidden"].clone().requires_grad_(True), d["weight"].clone().requires_grad_(True)
-        out = linear_surrogate_loss(cfg, h, W, d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
-                                    ref_logp=ref_logp, chunk_tokens=chunk, cu_seqlens=d["cu"])
+        out = linear_surrogate_loss(
+            cfg,
+            h,
+            W,
+            d["ids"],
+            d["old"],
+            d["adv"],
+            d["mask"],
+            group_size=d["G"],
+            ref_logp=ref_logp,
+            chunk_tokens=chunk,
+            cu_seqlens=d["cu"],
+        )
         out.loss.backward()
         assert_outputs_close(out, ref)
         torch.testing.assert_close(h.grad, hr.grad, **TOL)
@@ -611,11 +687,13 @@ def test_packed_logits_and_linear(name, beta, device):
 def test_packed_errors():
     d = packed_case()
     with pytest.raises(ValueError, match="cu_seqlens"):
-        logits_surrogate_loss("grpo", d["logits"], d["ids"], None, d["adv"], d["mask"], group_size=3,
-                              cu_seqlens=d["cu"][:-1])
+        logits_surrogate_loss(
+            "grpo", d["logits"], d["ids"], None, d["adv"], d["mask"], group_size=3, cu_seqlens=d["cu"][:-1]
+        )
     with pytest.raises(ValueError, match="packed"):
-        linear_surrogate_loss("grpo", d["hidden"], d["weight"], d["ids"][:-1], None, d["adv"], d["mask"],
-                              group_size=3, cu_seqlens=d["cu"])
+        linear_surrogate_loss(
+            "grpo", d["hidden"], d["weight"], d["ids"][:-1], None, d["adv"], d["mask"], group_size=3, cu_seqlens=d["cu"]
+        )
 
 
 def test_accepts_loss_module_and_preset_name():
@@ -623,14 +701,37 @@ def test_accepts_loss_module_and_preset_name():
 
     d = make_batch(seed=99)
     module = GroupSurrogateLoss("grpo", beta=0.02)
-    out_mod = logits_surrogate_loss(module, d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"],
-                                    ref_logp=d["ref"], inplace_backward=False)
-    ref = module(oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"], group_size=d["G"],
-                 completion_ids=d["ids"], ref_logp=d["ref"])
+    out_mod = logits_surrogate_loss(
+        module,
+        d["logits"],
+        d["ids"],
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        ref_logp=d["ref"],
+        inplace_backward=False,
+    )
+    ref = module(
+        oracle_logp(d["logits"], d["ids"]),
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        completion_ids=d["ids"],
+        ref_logp=d["ref"],
+    )
     assert_outputs_close(out_mod, ref)
     out_name = logits_surrogate_loss("dapo", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])
-    ref = oracle_loss(PRESETS["dapo"], oracle_logp(d["logits"], d["ids"]), d["old"], d["adv"], d["mask"],
-                         group_size=d["G"], completion_ids=d["ids"])
+    ref = oracle_loss(
+        PRESETS["dapo"],
+        oracle_logp(d["logits"], d["ids"]),
+        d["old"],
+        d["adv"],
+        d["mask"],
+        group_size=d["G"],
+        completion_ids=d["ids"],
+    )
     assert_outputs_close(out_name, ref)
     with pytest.raises(ValueError, match="preset"):
         logits_surrogate_loss("nope", d["logits"], d["ids"], d["old"], d["adv"], d["mask"], group_size=d["G"])

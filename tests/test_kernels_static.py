@@ -34,8 +34,9 @@ pytestmark = pytest.mark.skipif(
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), "--check", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_kernels_compile_for_sm90_vectorised_without_spills():

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_ROOTS = {"grpo_fix": ROOT / "grpo_fix", "grpo_fix/kernels": ROOT / "kernels",
-                "grpo_fix/integration": ROOT / "integration"}
+SOURCE_ROOTS = {
+    "grpo_fix": ROOT / "grpo_fix",
+    "grpo_fix/kernels": ROOT / "kernels",
+    "grpo_fix/integration": ROOT / "integration",
+}
 
 
 def _source_modules() -> set[str]:
@@ -35,8 +38,23 @@ def test_wheel_contains_every_source_module_and_the_cli(tmp_path):
         shutil.copy(ROOT / name, src / name)
     for directory in SOURCE_ROOTS.values():
         shutil.copytree(directory, src / directory.name, ignore=shutil.ignore_patterns("__pycache__"))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = tmp_path.glob("grpo_fix-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -53,6 +53,7 @@ def no_host_reads():
     def forbid(name):
         def f(*a, **k):
             raise AssertionError(f"host read Tensor.{name} during a non-flush check")
+
         return f
 
     for n in names:
@@ -157,8 +158,9 @@ def test_monitor_with_surrogate_and_clip_aware_adamw_end_to_end():
         for mb in range(2):
             x = torch.randn(4, 5, 6)
             logp = lin(x).squeeze(-1) - 1.0
-            out = loss_fn(logp, logp.detach() - 0.05, torch.tensor([1.0, -1.0, 0.5, -0.5]),
-                          torch.ones(4, 5), group_size=None)
+            out = loss_fn(
+                logp, logp.detach() - 0.05, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, 5), group_size=None
+            )
             loss = out.loss * torch.tensor(NAN) if (step, mb) == (1, 1) else out.loss
             loss.backward()
             mon.check(step, mb, loss=loss, signal=out.signal)
@@ -182,7 +184,6 @@ def test_monitor_with_surrogate_and_clip_aware_adamw_end_to_end():
 # ------------------------------------------------------------------------------------------------
 trl = pytest.importorskip("trl")
 
-from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
 from tiny_trl import (
     TRAINER_BASE,
     build_dataset,
@@ -190,6 +191,8 @@ from tiny_trl import (
     build_tokenizer,
     reward_len,
 )
+
+from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
 
 BASE = dict(TRAINER_BASE, use_cpu=True)
 
@@ -201,8 +204,13 @@ def tok():
 
 def _trainer(tmp_path, tok, **kw):
     args = GRPOFixConfig(output_dir=str(tmp_path), **{**BASE, **kw})
-    return GRPOFixTrainer(model=build_model(tok, seed=0), reward_funcs=reward_len, args=args,
-                          train_dataset=build_dataset(), processing_class=tok)
+    return GRPOFixTrainer(
+        model=build_model(tok, seed=0),
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=build_dataset(),
+        processing_class=tok,
+    )
 
 
 def _poison(trainer, at_micro_step):
@@ -222,7 +230,9 @@ def test_callback_raise_names_step_and_micro_batch(tmp_path, tok, micro):
     trainer = _trainer(tmp_path, tok, gradient_accumulation_steps=2)
     trainer.add_callback(HealthMonitorCallback(HealthMonitor(mode="raise", every=1)))
     _poison(trainer, 2 + micro)
-    with pytest.raises(FloatingPointError, match=rf"non-finite gradient of parameter \S+ at step 2, micro-batch {micro}"):
+    with pytest.raises(
+        FloatingPointError, match=rf"non-finite gradient of parameter \S+ at step 2, micro-batch {micro}"
+    ):
         trainer.train()
     assert trainer.state.global_step == 1
 
@@ -262,8 +272,11 @@ def _resume_pair(tmp_path, tok, k, **kw):
 def _opt_state(trainer):
     opt = trainer.clip_aware_optimizer()
     groups = [{k: g[k] for k in ("ca_alpha", "ca_kappa", "ca_f", "ca_invalid", "lr")} for g in opt.param_groups]
-    tensors = [(float(st["step"]), st["exp_avg"].clone(), st["exp_avg_sq"].clone())
-               for p in trainer.model.parameters() for st in [opt.state[p]]]
+    tensors = [
+        (float(st["step"]), st["exp_avg"].clone(), st["exp_avg_sq"].clone())
+        for p in trainer.model.parameters()
+        for st in [opt.state[p]]
+    ]
     return opt, groups, tensors
 
 
@@ -378,8 +391,12 @@ def _check_ds_record(rec, world):
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_checkpoint_round_trip_single_process(ds_single, stage):
     _check_ds_record(ds_single[stage], 1)
-    wrapper = {0: "ClipAwareAdamW", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer",
-               3: "DeepSpeedZeroOptimizer_Stage3"}[stage]
+    wrapper = {
+        0: "ClipAwareAdamW",
+        1: "DeepSpeedZeroOptimizer",
+        2: "DeepSpeedZeroOptimizer",
+        3: "DeepSpeedZeroOptimizer_Stage3",
+    }[stage]
     assert ds_single[stage]["wrapper"] == wrapper
 
 
@@ -399,10 +416,26 @@ def _to_universal(ckpt, stages, cwd):
     for stage in stages:
         tag = f"z{stage}_step2"
         proc = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
-             "--output_folder", str(ckpt / f"{tag}_universal"), "--num_extract_workers", "1",
-             "--num_merge_workers", "1", "--inject_missing_state"],
-            env=ds_env(), cwd=cwd, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(ckpt / tag),
+                "--output_folder",
+                str(ckpt / f"{tag}_universal"),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+                "--inject_missing_state",
+            ],
+            env=ds_env(),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0:
             pytest.fail(f"ds_to_universal failed for ZeRO-{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
@@ -414,8 +447,12 @@ def ds_universal(ds_two_ranks):
     _to_universal(ckpt, UNIVERSAL_STAGES, d)
     out = d / "universal.json"
     env = single_process_env()
-    return _ds_run([sys.executable, DS_WORKER, str(out), str(ckpt), ",".join(map(str, UNIVERSAL_STAGES)),
-                    str(d / "out.json")], env, out, d)
+    return _ds_run(
+        [sys.executable, DS_WORKER, str(out), str(ckpt), ",".join(map(str, UNIVERSAL_STAGES)), str(d / "out.json")],
+        env,
+        out,
+        d,
+    )
 
 
 @pytest.mark.parametrize("stage", UNIVERSAL_STAGES)
@@ -452,8 +489,9 @@ def ds_universal_up(tmp_path_factory):
     d = tmp_path_factory.mktemp("ds_universal_up")
     ckpt, saved = d / "ckpt", d / "saved.json"
     stages = ",".join(map(str, UNIVERSAL_STAGES))
-    run_worker([sys.executable, DS_WORKER, str(saved), str(ckpt), stages, "--as-world=2"], single_process_env(),
-               saved, d)
+    run_worker(
+        [sys.executable, DS_WORKER, str(saved), str(ckpt), stages, "--as-world=2"], single_process_env(), saved, d
+    )
     _to_universal(ckpt, UNIVERSAL_STAGES, d)
     out = d / "resumed.json"
     cmd = torchrun(2) + [DS_WORKER, str(out), str(ckpt), stages, str(saved)]

@@ -12,8 +12,9 @@ from grpo_fix import GroupSurrogateLoss, TrustRegionSignal, adam_eps_report
 
 def _sig(active, total, overshoot=0.0, eligible=10.0, excess=0.0, rollout=False):
     t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
-    return TrustRegionSignal(t(active), t(total), t(eligible), t(eligible), t(overshoot), t(overshoot), t(excess),
-                             rollout_start=rollout)
+    return TrustRegionSignal(
+        t(active), t(total), t(eligible), t(eligible), t(overshoot), t(overshoot), t(excess), rollout_start=rollout
+    )
 
 
 def test_signal_counts_match_definitions():
@@ -119,8 +120,9 @@ def test_logits_and_hidden_entry_points_match_logprob_path(backend):
     for a, b in zip(torch.autograd.grad(out_h.loss, (hidden, weight)), g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     logits = (hidden @ weight.T).detach().requires_grad_()
-    out_l = loss_fn.forward_logits(logits.clone() if backend == "torch" else logits, ids, old, adv, mask, group_size=2,
-                                   temperature=0.7)
+    out_l = loss_fn.forward_logits(
+        logits.clone() if backend == "torch" else logits, ids, old, adv, mask, group_size=2, temperature=0.7
+    )
     torch.testing.assert_close(out_l.loss, ref.loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out_l.signal.kappa, ref.signal.kappa)
     with pytest.raises(ValueError, match="backend"):

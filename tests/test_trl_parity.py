@@ -100,17 +100,36 @@ def test_presets_match_trl_compute_loss(loss_type, beta, delta, ga, spg, eps_hig
     num_items = torch.tensor(float(mask.sum() * spg))
     inputs = _trl_inputs(mask, adv, old, ref, num_items)
     trl_loss, trl_metrics = _trl_loss(
-        loss_type, logp, inputs, eps_low=0.2, eps_high=eps_high, beta=beta, delta=delta, ga=ga, spg=spg,
-        max_len=max_len, bias_kl=bias_kl,
+        loss_type,
+        logp,
+        inputs,
+        eps_low=0.2,
+        eps_high=eps_high,
+        beta=beta,
+        delta=delta,
+        ga=ga,
+        spg=spg,
+        max_len=max_len,
+        bias_kl=bias_kl,
     )
     (trl_grad,) = torch.autograd.grad(trl_loss, logp)
 
     loss_fn = GroupSurrogateLoss(
-        loss_type, eps_low=0.2, eps_high=eps_high, beta=beta, delta=delta, kl_times_ratio=bias_kl,
+        loss_type,
+        eps_low=0.2,
+        eps_high=eps_high,
+        beta=beta,
+        delta=delta,
+        kl_times_ratio=bias_kl,
         max_completion_length=max_len,
     )
     out = loss_fn(
-        logp, old, adv, mask, group_size=None, ref_logp=ref if beta else None,
+        logp,
+        old,
+        adv,
+        mask,
+        group_size=None,
+        ref_logp=ref if beta else None,
         num_window_tokens=num_items * ga / spg,  # what TRL 1.16 uses as the window size
         num_micro_batches=ga,
     )
@@ -128,8 +147,9 @@ def test_cispo_maps_trl_raw_cap():
     B, T = 4, 7
     logp, old, _, mask, adv = _inputs(B, T, seed=3)
     inputs = _trl_inputs(mask, adv, old)
-    trl_loss, _ = _trl_loss("cispo", logp, inputs, eps_low=0.2, eps_high=1.1, beta=0.0, delta=None, ga=1, spg=1,
-                         max_len=T, bias_kl=True)
+    trl_loss, _ = _trl_loss(
+        "cispo", logp, inputs, eps_low=0.2, eps_high=1.1, beta=0.0, delta=None, ga=1, spg=1, max_len=T, bias_kl=True
+    )
     (trl_grad,) = torch.autograd.grad(trl_loss, logp)
     out = GroupSurrogateLoss("cispo", eps_high=0.1)(logp, old, adv, mask, group_size=None)
     (grad,) = torch.autograd.grad(out.loss, logp)

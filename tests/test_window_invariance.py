@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import torchrun
+
 from grpo_fix import GroupSurrogateLoss, group_advantages, prefix_consistent_advantages
 
 B, T, G = 8, 16, 4
@@ -46,11 +45,16 @@ def window_gradient(preset, splits, *, beta=0.0, prefix_inline=False, seed=0):
     rows = torch.arange(B).chunk(splits)
     for r in rows:
         out = loss_fn(
-            leaf[r], old[r], adv[r], mask[r],
+            leaf[r],
+            old[r],
+            adv[r],
+            mask[r],
             group_size=G if prefix_inline else None,
             completion_ids=ids[r] if prefix_inline else None,
             ref_logp=ref[r] if beta else None,
-            num_window_tokens=n_tokens, num_window_seqs=B, num_micro_batches=len(rows),
+            num_window_tokens=n_tokens,
+            num_window_seqs=B,
+            num_micro_batches=len(rows),
         )
         (g,) = torch.autograd.grad(out.loss, leaf)
         total += g
@@ -86,9 +90,11 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
     proc = subprocess.run(
         torchrun(2) + [str(script), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     dist_grad = torch.load(out)
     torch.testing.assert_close(dist_grad, window_gradient("uniform", 1), rtol=1e-6, atol=1e-12)
-

@@ -58,10 +58,10 @@ def build_tokenizer(vocab_size: int = 300):
 
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
     """A randomly initialised 2-layer Qwen2ForCausalLM (~30k parameters at hidden 32): the toy
-    policy of :func:`grpo_fix.toy.build_model`, over this module's BPE tokenizer."""
+    policy of :func:`grpo_fix.lab.toy.build_model`, over this module's BPE tokenizer."""
     import torch
 
-    from grpo_fix.toy import build_model as toy_model
+    from grpo_fix.lab.toy import build_model as toy_model
 
     torch.manual_seed(seed)  # callers rely on the global RNG being seeded here, as before
     return toy_model(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
@@ -105,7 +105,7 @@ def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, 
     prompt_ids[prompt_mask == 0] = tok.pad_token_id
     completion_ids = torch.randint(5, V, (n_rows, comp_len), generator=g)
     for s in range(0, n_rows, group):  # whole group shares 2 tokens, pairs share a 3rd and 4th
-        completion_ids[s:s + group, :2] = completion_ids[s, :2]
+        completion_ids[s : s + group, :2] = completion_ids[s, :2]
         completion_ids[s + 1, :4] = completion_ids[s, :4]
     lengths = torch.randint(2, comp_len + 1, (n_rows,), generator=g)
     completion_mask = (torch.arange(comp_len)[None, :] < lengths[:, None]).long()
@@ -118,7 +118,7 @@ def fixed_generation(tok, n_rows=16, group=4, prompt_len=5, comp_len=8, seed=0, 
     with torch.no_grad():
         ids = torch.cat([prompt_ids, completion_ids], 1)
         am = torch.cat([prompt_mask, completion_mask], 1)
-        logits = model(input_ids=ids, attention_mask=am).logits[:, prompt_len - 1:-1].float()
+        logits = model(input_ids=ids, attention_mask=am).logits[:, prompt_len - 1 : -1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
     old = logp + 0.3 * torch.randn(logp.shape, generator=g)
     out = dict(
@@ -163,4 +163,3 @@ def exit_after_barrier() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-

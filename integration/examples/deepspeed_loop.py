@@ -39,24 +39,36 @@ import torch
 def _single_process_env() -> None:
     """Without a launcher, DeepSpeed still wants the torch.distributed variables."""
     if "RANK" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
 
 
 def tiny_policy(vocab: int = 64, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
 def completion_logps(engine, prompt, completion, mask):
     ids = torch.cat([prompt, completion], 1)
     am = torch.cat([torch.ones_like(prompt), mask], 1)
-    logits = engine(input_ids=ids, attention_mask=am).logits[:, prompt.size(1) - 1:-1].float()
+    logits = engine(input_ids=ids, attention_mask=am).logits[:, prompt.size(1) - 1 : -1].float()
     return torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
 
 
@@ -64,20 +76,21 @@ def run(stage: int, args) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from grpo_fix import GroupSurrogateLoss, TrustRegionSignal, prefix_consistent_advantages
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW, GroupSurrogateLoss, TrustRegionSignal, prefix_consistent_advantages
     from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
 
     model = tiny_policy()
     device = torch.device(deepspeed.get_accelerator().device_name())
     opt = ClipAwareAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ds_config = clip_aware_deepspeed_config({
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": args.ga,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": args.bf16},
-    })
+    ds_config = clip_aware_deepspeed_config(
+        {
+            "train_micro_batch_size_per_gpu": args.micro_batch,
+            "gradient_accumulation_steps": args.ga,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": args.bf16},
+        }
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     attach_deepspeed(opt, engine)  # raises if anything replaced our optimizer
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -112,8 +125,9 @@ def run(stage: int, args) -> dict:
             for j in range(args.ga):
                 mb = slice(j * args.micro_batch, (j + 1) * args.micro_batch)
                 logp = completion_logps(engine, prompt[mb], completion[mb], mask[mb])
-                out = loss_fn(logp, old[mb], adv_tok[mb], mask[mb], group_size=None,
-                              num_window_tokens=n_window, dp_size=world)
+                out = loss_fn(
+                    logp, old[mb], adv_tok[mb], mask[mb], group_size=None, num_window_tokens=n_window, dp_size=world
+                )
                 window = window + out.signal
                 if j == args.ga - 1:  # observe before the backward/step of the window's last micro-batch
                     opt.observe(window.all_reduce().with_rollout_start(it == 0))
@@ -122,8 +136,10 @@ def run(stage: int, args) -> dict:
             kappas.append(opt.last_stats["kappa"])
             if rank == 0 and args.verbose:
                 s = opt.last_stats
-                print(f"stage {stage} rollout {rollout} inner {it}: kappa={s['kappa']:.3f} alpha={s['alpha']:.3f} "
-                      f"overshoot={s['overshoot_fraction']:.3f}")
+                print(
+                    f"stage {stage} rollout {rollout} inner {it}: kappa={s['kappa']:.3f} alpha={s['alpha']:.3f} "
+                    f"overshoot={s['overshoot_fraction']:.3f}"
+                )
     assert engine.basic_optimizer is opt and isinstance(opt, ClipAwareAdamW)
     return {"stage": stage, "kappas": kappas, "alpha": opt.alpha}
 
@@ -152,8 +168,9 @@ def main(argv=None) -> int:
     results = [run(stage, args) for stage in args.stage]
     if int(os.environ.get("RANK", 0)) == 0:
         for r in results:
-            print(f"OK stage {r['stage']}: kappas {[round(k, 4) for k in r['kappas']]} alpha {r['alpha']:.3f}",
-                  flush=True)
+            print(
+                f"OK stage {r['stage']}: kappas {[round(k, 4) for k in r['kappas']]} alpha {r['alpha']:.3f}", flush=True
+            )
     import torch.distributed as dist
 
     if dist.is_initialized():  # tear gloo/NCCL down before interpreter exit

@@ -5,7 +5,7 @@ The only change against a plain TRL script is the import (and the config class):
     -from trl import GRPOConfig, GRPOTrainer
     +from grpo_fix.integration.trl import GRPOFixConfig as GRPOConfig, GRPOFixTrainer as GRPOTrainer
 
-Runs on CPU in well under a minute with the embedded toy task of ``grpo_fix.toy`` (a tiny random
+Runs on CPU in well under a minute with the embedded toy task of ``grpo_fix.lab.toy`` (a tiny random
 Qwen2, a character-level tokenizer built in code, reward = share of the letter ``a``; no download)::
 
     python integration/examples/trl_uniform.py                     # uniform loss + ClipAwareAdamW
@@ -35,6 +35,7 @@ import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path or hub id (default: tiny random Qwen2 built in code)")
@@ -60,9 +61,9 @@ def main(argv=None) -> int:
     from datasets import Dataset
 
     from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
-    from grpo_fix.toy import build_model, build_prompts, build_tokenizer, target_share_reward
+    from grpo_fix.lab.toy import build_model, build_prompts, build_tokenizer, target_share_reward
 
-    if a.model is None:  # the embedded toy policy (grpo_fix.toy): random Qwen2, char-level tokenizer
+    if a.model is None:  # the embedded toy policy (grpo_fix.lab.toy): random Qwen2, char-level tokenizer
         tokenizer = build_tokenizer()
         model = build_model(tokenizer)
         if a.beta > 0:  # TRL loads the reference model from a path
@@ -101,12 +102,16 @@ def main(argv=None) -> int:
         seed=0,
         deepspeed=a.deepspeed,
     )
-    trainer = GRPOFixTrainer(model=model, reward_funcs=target_share_reward, args=args,
-                             train_dataset=Dataset.from_dict({"prompt": build_prompts(64)}), processing_class=tokenizer)
+    trainer = GRPOFixTrainer(
+        model=model,
+        reward_funcs=target_share_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": build_prompts(64)}),
+        processing_class=tokenizer,
+    )
     trainer.train()
     if trainer.accelerator.is_main_process:
-        keys = ("loss", "reward", "clip_ratio/region_mean", "grpo_fix/kappa", "grpo_fix/w_agg_abs",
-                "clip_aware/alpha")
+        keys = ("loss", "reward", "clip_ratio/region_mean", "grpo_fix/kappa", "grpo_fix/w_agg_abs", "clip_aware/alpha")
         for h in trainer.state.log_history:
             if "loss" in h:
                 print("step", h["step"], " ".join(f"{k}={h[k]:.4g}" for k in keys if k in h))

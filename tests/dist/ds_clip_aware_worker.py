@@ -69,7 +69,7 @@ def batch(step: int, world: int):
 
 def reference(init_state, world, dtype, stage, kw):
     """Non-distributed ClipAwareAdamW; for bf16, fp32 masters + bf16 model like DeepSpeed."""
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
 
     model = Net()
     model.load_state_dict(init_state)
@@ -128,7 +128,7 @@ def run_config(spec: str, rank: int, world: int):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
     from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
 
     parts = spec.split(":")

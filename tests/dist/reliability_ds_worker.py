@@ -45,7 +45,7 @@ def make_engine(stage: int, seed: int, load_universal: bool = False, mb: int = M
         clip_aware_deepspeed_config,
     )
 
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
 
     torch.manual_seed(seed)
     model = Net()

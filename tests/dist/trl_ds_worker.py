@@ -51,7 +51,7 @@ def main() -> None:
 
     from tiny_trl import TRAINER_BASE, build_dataset, build_model, build_tokenizer, exit_after_barrier, reward_len
 
-    from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+    from grpo_fix import ClipAwareAdamW
     from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
 
     calls = {"step": 0}

@@ -48,14 +48,21 @@ class PrefixClasses:
     size: torch.Tensor
 
     def class_sum(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per position, the sum of ``values * mask`` over its class, in float64, shape (B, T)."""
+        """Per position, the sum of ``values`` at valid (``mask``) positions of its class, in
+        float64, shape (B, T); whatever masked positions hold is ignored (even NaN)."""
         flat_idx = self.index.reshape(-1)
         acc = torch.zeros(flat_idx.numel(), dtype=torch.float64, device=values.device)
-        acc.scatter_add_(0, flat_idx, (values.double() * mask.double()).reshape(-1))
+        kept = torch.where(
+            mask.to(torch.bool), values.double(), torch.zeros((), dtype=torch.float64, device=values.device)
+        )
+        acc.scatter_add_(0, flat_idx, kept.reshape(-1))
         return acc[flat_idx].view_as(self.index)
 
 
 def _check_ids(completion_ids: torch.Tensor, group_size: int, mask: torch.Tensor | None) -> None:
+    for name, t in (("completion_ids", completion_ids), ("mask", mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if completion_ids.dim() != 2:
         raise ValueError(f"completion_ids must be (B, T), got shape {tuple(completion_ids.shape)}")
     if completion_ids.dtype.is_floating_point or completion_ids.dtype == torch.bool:
@@ -69,6 +76,8 @@ def _check_ids(completion_ids: torch.Tensor, group_size: int, mask: torch.Tensor
         )
     if mask is not None and tuple(mask.shape) != tuple(completion_ids.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} != completion_ids shape {tuple(completion_ids.shape)}")
+    if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must contain only 0 and 1")
 
 
 def prefix_classes(completion_ids: torch.Tensor, group_size: int, mask: torch.Tensor | None = None) -> PrefixClasses:
@@ -123,6 +132,8 @@ def prefix_consistent_advantages(
     positions with mask 0 it returns the input advantage (those positions carry no loss).
     """
     _check_ids(completion_ids, group_size, mask)
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     B, T = completion_ids.shape
     adv = advantages if advantages.dtype.is_floating_point else advantages.float()
     if adv.dim() == 1 and adv.shape[0] == B:
@@ -130,6 +141,11 @@ def prefix_consistent_advantages(
     elif tuple(adv.shape) != (B, T):
         raise ValueError(f"advantages must be (B,) or (B, T) = {(B, T)}, got {tuple(advantages.shape)}")
     valid = torch.ones(B, T, dtype=torch.bool, device=adv.device) if mask is None else mask.to(torch.bool)
+    if bool((~torch.isfinite(adv) & valid).any()):
+        raise ValueError(
+            "advantages contain NaN/inf at valid (mask=1) positions; a class mean would spread it "
+            "to every completion sharing the prefix"
+        )
     classes = prefix_classes(completion_ids, group_size, valid)
     mean = classes.class_sum(adv, valid) / classes.size.clamp_min(1).double()
     return torch.where(valid, mean.to(adv.dtype), adv).contiguous()

@@ -5,7 +5,7 @@ A GRPO-family method is a triple (weighting alpha, importance ratio s, regularis
     J = sum_i sum_t alpha_{i,t} * min(s_{i,t} A_i, clip(s_{i,t}, 1 - eps_low, 1 + eps_high) A_i) - beta * R   (Eq. 1)
 
 and every preset below is one :class:`SurrogateConfig` of the single implementation in
-:mod:`grpo_fix.surrogate`; there is no per-method code path.
+:mod:`grpo_fix.loss.surrogate`; there is no per-method code path.
 
 Weightings (the normaliser alpha; any per-group std factor lives in the advantages, see
 :func:`grpo_fix.group_advantages`).  ``N_window`` is the number of valid completion tokens in the
@@ -133,7 +133,7 @@ class SurrogateConfig:
         """Whether the PPO min/clip wrapper of Eq. 1 is active for this ratio."""
         return self.ratio in CLIPPED_RATIOS
 
-    def replace(self, **changes) -> "SurrogateConfig":
+    def replace(self, **changes) -> SurrogateConfig:
         return replace(self, **changes)
 
     def as_dict(self) -> dict:

@@ -54,23 +54,42 @@ def run(lrs, optimizers, seeds, mu: int, rollouts: int, progress=None) -> tuple[
         for name in optimizers:
             finals, excess = [], []
             for seed in seeds:
-                s = train(RunConfig(preset="uniform", optimizer=name, inner_steps=mu, rollouts=rollouts, lr=lr,
-                                    seed=seed)).summary()
+                s = train(
+                    RunConfig(preset="uniform", optimizer=name, inner_steps=mu, rollouts=rollouts, lr=lr, seed=seed)
+                ).summary()
                 finals.append(s["reward_final"])
                 excess.append(s["max_excess"])
-                runs.append({"lr": lr, "optimizer": name, "seed": seed, "reward_final": s["reward_final"],
-                             "max_excess": s["max_excess"], "overshoot_fraction": s["overshoot_fraction"]})
+                runs.append(
+                    {
+                        "lr": lr,
+                        "optimizer": name,
+                        "seed": seed,
+                        "reward_final": s["reward_final"],
+                        "max_excess": s["max_excess"],
+                        "overshoot_fraction": s["overshoot_fraction"],
+                    }
+                )
                 if progress:
-                    progress(f"lr={lr:g} {name} seed={seed}: reward {s['reward_final']:.3f}, "
-                             f"max excess {s['max_excess']:.2f}")
+                    progress(
+                        f"lr={lr:g} {name} seed={seed}: reward {s['reward_final']:.3f}, "
+                        f"max excess {s['max_excess']:.2f}"
+                    )
             collapses = sum(f < COLLAPSE_BELOW for f in finals)
             low, high = wilson_interval(collapses, len(finals))
-            rows.append({
-                "lr": lr, "optimizer": name, "runs": len(finals), "collapses": collapses,
-                "collapse_rate": collapses / len(finals), "rate_ci95_low": low, "rate_ci95_high": high,
-                "reward_final": statistics.mean(finals), "reward_final_sd": statistics.pstdev(finals),
-                "median_max_excess": statistics.median(excess),
-            })
+            rows.append(
+                {
+                    "lr": lr,
+                    "optimizer": name,
+                    "runs": len(finals),
+                    "collapses": collapses,
+                    "collapse_rate": collapses / len(finals),
+                    "rate_ci95_low": low,
+                    "rate_ci95_high": high,
+                    "reward_final": statistics.mean(finals),
+                    "reward_final_sd": statistics.pstdev(finals),
+                    "median_max_excess": statistics.median(excess),
+                }
+            )
     return rows, runs
 
 
@@ -82,9 +101,14 @@ def comparisons(rows: list[dict], against: str = "adamw") -> list[dict]:
         base = next((b for b in rows if b["lr"] == r["lr"] and b["optimizer"] == against), None)
         if base is None or r["optimizer"] == against:
             continue
-        out.append({"lr": r["lr"], "optimizer": r["optimizer"],
-                    "collapses": f"{r['collapses']}/{r['runs']} vs {base['collapses']}/{base['runs']}",
-                    "fisher_p_one_sided": fisher_one_sided(base["collapses"], base["runs"], r["collapses"], r["runs"])})
+        out.append(
+            {
+                "lr": r["lr"],
+                "optimizer": r["optimizer"],
+                "collapses": f"{r['collapses']}/{r['runs']} vs {base['collapses']}/{base['runs']}",
+                "fisher_p_one_sided": fisher_one_sided(base["collapses"], base["runs"], r["collapses"], r["runs"]),
+            }
+        )
     return out
 
 
@@ -99,11 +123,30 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--name", default="lr_robustness", help="basename of the result files")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    rows, runs = run(args.lrs, args.optimizers, list(range(args.seeds)), args.mu, args.rollouts,
-                     progress=None if args.quiet else print)
-    table = markdown_table(rows, ["lr", "optimizer", "runs", "collapses", "collapse_rate", "rate_ci95_low",
-                                  "rate_ci95_high", "reward_final", "reward_final_sd", "median_max_excess"],
-                           floatfmt=".3g")
+    rows, runs = run(
+        args.lrs,
+        args.optimizers,
+        list(range(args.seeds)),
+        args.mu,
+        args.rollouts,
+        progress=None if args.quiet else print,
+    )
+    table = markdown_table(
+        rows,
+        [
+            "lr",
+            "optimizer",
+            "runs",
+            "collapses",
+            "collapse_rate",
+            "rate_ci95_low",
+            "rate_ci95_high",
+            "reward_final",
+            "reward_final_sd",
+            "median_max_excess",
+        ],
+        floatfmt=".3g",
+    )
     tests = comparisons(rows)
     if tests:
         table += "\n\n### Does AdamW collapse more often? (one-sided Fisher exact test per learning rate)\n\n"
@@ -115,19 +158,26 @@ def main(argv=None) -> list[dict]:
             rs = [r for r in rows if r["optimizer"] == name]
             lrs = [r["lr"] for r in rs]
             rate = [r["collapse_rate"] for r in rs]
-            err = [[r["collapse_rate"] - r["rate_ci95_low"] for r in rs], [r["rate_ci95_high"] - r["collapse_rate"]
-                                                                          for r in rs]]
+            err = [
+                [r["collapse_rate"] - r["rate_ci95_low"] for r in rs],
+                [r["rate_ci95_high"] - r["collapse_rate"] for r in rs],
+            ]
             ax1.errorbar(lrs, rate, yerr=err, fmt="o-", capsize=3, label=name)
             ax2.plot(lrs, [r["reward_final"] for r in rs], "o-", label=name)
         ax1.set(xscale="log", xlabel="learning rate", ylabel=f"collapse rate (final reward < {COLLAPSE_BELOW})")
         ax2.set(xscale="log", xlabel="learning rate", ylabel="mean final reward")
         ax1.legend(fontsize=8)
 
-    write_results(args.out, args.name,
-                  title=f"Collapsed runs vs learning rate at mu = {args.mu} (paper Prop. 3 at large steps)",
-                  table=table, payload={"args": vars(args), "rows": rows, "tests": tests, "runs": runs}, plot=plot,
-                  notes=f"A run collapses when its final reward (mean of the last 3 of {args.rollouts} rollouts) is "
-                        f"below {COLLAPSE_BELOW}; seeds 0..{args.seeds - 1}, shared by the optimizers.")
+    write_results(
+        args.out,
+        args.name,
+        title=f"Collapsed runs vs learning rate at mu = {args.mu} (paper Prop. 3 at large steps)",
+        table=table,
+        payload={"args": vars(args), "rows": rows, "tests": tests, "runs": runs},
+        plot=plot,
+        notes=f"A run collapses when its final reward (mean of the last 3 of {args.rollouts} rollouts) is "
+        f"below {COLLAPSE_BELOW}; seeds 0..{args.seeds - 1}, shared by the optimizers.",
+    )
     print(table)
     return rows
 

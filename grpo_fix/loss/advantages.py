@@ -35,6 +35,10 @@ def group_advantages(
             the std of all B rewards, ``"none"`` only centres.
         eps: added to the std (TRL uses 1e-4).
     """
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(
+            f"rewards must be a torch.Tensor, got {type(rewards).__name__}; convert it with torch.as_tensor"
+        )
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     if rewards.dim() != 1:
@@ -45,11 +49,12 @@ def group_advantages(
         raise ValueError(f"group_size={group_size} does not divide the {rewards.numel()} rewards")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    r = rewards if rewards.dtype.is_floating_point else rewards.float()
+    out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
+    r = rewards.to(torch.float64)  # a wider dtype: rewards near the float32 limit must not overflow
     if r.numel() and not bool(torch.isfinite(r).all()):
         raise ValueError("rewards contain NaN or inf; score unscorable completions explicitly (e.g. 0)")
     if r.numel() == 0:
-        return r.clone()
+        return rewards.to(out_dtype).clone()
     grouped = r.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
@@ -58,7 +63,13 @@ def group_advantages(
         centred = centred / _safe_denominator(grouped.std(dim=1, keepdim=True, correction=int(group_size > 1)) + eps)
     elif scale == "batch":
         centred = centred / _safe_denominator(r.std(correction=int(r.numel() > 1)) + eps)
-    return centred.reshape(-1)
+    out = centred.reshape(-1).to(out_dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"advantages overflow {out_dtype}: centred rewards reach {float(centred.abs().max()):.3g}; "
+            "rescale the rewards or use scale='group'"
+        )
+    return out
 
 
 def _safe_denominator(d: torch.Tensor) -> torch.Tensor:

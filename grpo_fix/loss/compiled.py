@@ -5,13 +5,13 @@ Why: the math of Eq. 1 (ratio, clip, KL, weighting, the trust-region signal and 
 each is a kernel launch of a few microseconds, so the math costs a fixed ~0.5-1 ms per call
 (estimated from the op count, not measured) whatever the vocabulary: as much as the whole fused
 vocabulary pass at V = 32k.  Compiled (Inductor), the same Python source becomes a handful of
-fused kernels, so :mod:`grpo_fix.surrogate` stays the single source of truth and the kernels
+fused kernels, so :mod:`grpo_fix.loss.surrogate` stays the single source of truth and the kernels
 stay vocabulary-only (see ``grpo_fix.kernels``).
 
-``compile_math`` (an argument of every loss entry point):
+``compile_math`` (an argument of every loss entry point, :mod:`grpo_fix.options`):
 
 - ``"auto"`` (default): compiled for CUDA tensors, eager otherwise (CPU, the Triton interpreter);
-- ``True`` / ``False``: always / never.
+- ``"always"`` / ``"never"``.
 
 torch's own ``TORCH_COMPILE_DISABLE=1`` turns it off everywhere (the escape hatch where an
 integration has no field for it, e.g. verl's policy-loss config); ``GRPOFixConfig`` has
@@ -32,29 +32,24 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-COMPILE_CHOICES = ("auto", True, False)
+from ..options import CompileMath
+
 _FAILED: set = set()
 
 
-def check_compile_choice(compile_math) -> None:
-    """Raise ``ValueError`` unless ``compile_math`` is ``"auto"``, ``True`` or ``False``."""
-    if compile_math not in COMPILE_CHOICES or isinstance(compile_math, int) and not isinstance(compile_math, bool):
-        raise ValueError(f"compile_math must be 'auto', True or False, got {compile_math!r}")
-
-
-def use_compiled(compile_math, t: torch.Tensor) -> bool:
-    """Whether ``compile_math`` means compiled for the math on ``t``'s device (see the module docstring)."""
-    check_compile_choice(compile_math)
+def use_compiled(compile_math: CompileMath, t: torch.Tensor) -> bool:
+    """Whether ``compile_math`` (already checked by :func:`grpo_fix.options.check_compile_math`)
+    means compiled for the math on ``t``'s device."""
     if compile_math == "auto":
         return t.is_cuda
-    return bool(compile_math)
+    return compile_math == "always"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn: Callable, cfg) -> Callable:
     """``torch.compile(dynamic=True)`` of a private copy of ``fn`` for ``cfg`` (call it with ``cfg``).
 
@@ -84,7 +79,7 @@ def run_math(fn: Callable, cfg, compiled: bool, *args):
             warnings.warn(
                 f"grpo_fix: torch.compile of {fn.__name__} failed ({type(e).__name__}: {first_line}); "
                 "this loss configuration runs the eager math from now on (same results, more kernel "
-                "launches). Pass compile_math=False to skip compiling.",
+                "launches). Pass compile_math='never' to skip compiling.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -19,16 +19,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
+from grpo_fix import GroupSurrogateLoss, adam_eps_report, group_advantages, prefix_consistent_advantages
+
 from .. import toy
-from ..advantages import group_advantages
-from ..diagnostics import adam_eps_report
-from ..prefix import prefix_consistent_advantages
-from ..surrogate import GroupSurrogateLoss
 from .baselines import make_optimizer, on_rollout_start
 
 
@@ -87,16 +85,27 @@ def rollout(model, tokenizer, prompts: list[str], cfg: RunConfig, rollout_idx: i
     enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
     torch.manual_seed(cfg.seed * 100_003 + rollout_idx)
     out = model.generate(
-        **enc, do_sample=True, max_new_tokens=cfg.completion_len, min_new_tokens=1, top_k=0, top_p=1.0,
-        temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **enc,
+        do_sample=True,
+        max_new_tokens=cfg.completion_len,
+        min_new_tokens=1,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     prompt_len = enc["input_ids"].shape[1]
     completion = out[:, prompt_len:]
     if completion.shape[1] < cfg.completion_len:  # every row stopped early
-        pad = completion.new_full((completion.shape[0], cfg.completion_len - completion.shape[1]), tokenizer.pad_token_id)
+        pad = completion.new_full(
+            (completion.shape[0], cfg.completion_len - completion.shape[1]), tokenizer.pad_token_id
+        )
         completion = torch.cat([completion, pad], 1)
     is_eos = completion == tokenizer.eos_token_id
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], cfg.completion_len, dtype=torch.long))
+    first_eos = torch.where(
+        is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], cfg.completion_len, dtype=torch.long)
+    )
     mask = torch.arange(cfg.completion_len)[None, :] <= first_eos[:, None]  # includes the EOS, as TRL
     texts = tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
     rewards = torch.tensor([toy.share_of_target(t) for t in texts], dtype=torch.float64)
@@ -120,7 +129,9 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
     ref_model = copy.deepcopy(model).eval() if cfg.beta else None
     prompts = toy.build_prompts(cfg.prompts_per_rollout, seed=cfg.seed)
     loss_fn = GroupSurrogateLoss(cfg.preset, eps_low=cfg.eps_clip, beta=cfg.beta)
-    opt = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(
+        cfg.optimizer, model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     result = RunResult(config=asdict(cfg))
     start = time.perf_counter()
     for r in range(cfg.rollouts):
@@ -145,7 +156,9 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
             opt.set_backtrack_fn(measure)
         for k in range(cfg.inner_steps):
             logp = completion_logprobs(model, input_ids, attention, P)
-            out = loss_fn(logp, old_logp, adv, mask, group_size=cfg.group_size, completion_ids=completion, ref_logp=ref_logp)
+            out = loss_fn(
+                logp, old_logp, adv, mask, group_size=cfg.group_size, completion_ids=completion, ref_logp=ref_logp
+            )
             signal = out.signal.with_rollout_start(k == 0)
             if hasattr(opt, "observe"):
                 opt.observe(signal)
@@ -154,8 +167,10 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
             opt.step()
             record = {"rollout": r, "inner": k, **{key: float(v) for key, v in out.metrics.items()}}
             record.update(
-                overshoot_fraction=float(signal.overshoot_fraction), max_excess=float(signal.max_excess),
-                kappa=float(signal.kappa), total_mass=float(signal.total_mass),
+                overshoot_fraction=float(signal.overshoot_fraction),
+                max_excess=float(signal.max_excess),
+                kappa=float(signal.kappa),
+                total_mass=float(signal.total_mass),
                 alpha=float(getattr(opt, "last_stats", {}).get("alpha", 1.0)),
             )
             record.setdefault("w_agg_abs", 0.0)
@@ -165,8 +180,12 @@ def train(cfg: RunConfig, progress: Callable[[int, float], None] | None = None, 
     result.seconds = time.perf_counter() - start
     try:
         rep = adam_eps_report(opt)
-        result.adam_eps = {"median_shrink": rep.median_shrink, "p99_shrink": rep.p99_shrink,
-                           "fraction_above_1pct": rep.fraction_above_threshold, "negligible": rep.negligible}
+        result.adam_eps = {
+            "median_shrink": rep.median_shrink,
+            "p99_shrink": rep.p99_shrink,
+            "fraction_above_1pct": rep.fraction_above_threshold,
+            "negligible": rep.negligible,
+        }
     except ValueError:  # no second moment yet (no step, or only zero gradients since a reset)
         result.adam_eps = None
     if keep_params:

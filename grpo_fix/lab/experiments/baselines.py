@@ -67,7 +67,7 @@ def make_optimizer(name: str, params, *, lr: float, betas=(0.9, 0.95), eps: floa
     if name == "cautious":
         return CautiousAdamW(params, **kw)
     if name.startswith("clip_aware"):
-        from ..clip_aware_adamw import ClipAwareAdamW
+        from grpo_fix import ClipAwareAdamW
 
         variant = {
             "clip_aware_gate": dict(gate=True, controller=False),

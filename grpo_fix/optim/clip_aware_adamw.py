@@ -124,7 +124,7 @@ Implementation notes
 - Kernels: CPU (and any non-Triton case) uses torch's own Adam kernels (``foreach``/``fused``/
   single-tensor, as the group asks) after scaling ``exp_avg`` by the gate's scalar (one
   ``_foreach_mul_``, only when it is not 1); CUDA uses the single-pass Triton kernel of
-  :mod:`grpo_fix.kernels.adamw_step` (``kernel="auto"``, one launch per tensor; not with
+  :mod:`grpo_fix.kernels.adamw_step` (``backend="auto"``, one launch per tensor; not with
   ``amsgrad``, complex params, a tensor lr or ``fused=True``, which keep torch's kernels) where
   kappa and ``lr * alpha`` are scalars of the one pass.  On CPU pass ``fused=True`` for speed
   (torch's default there is the single-tensor loop); see ``benchmarks/bench_optimizer.py``.
@@ -143,24 +143,41 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.adam import adam as _adam_functional
 
-from .signal import TrustRegionSignal
+from ..options import Backend, check_backend, deprecated
+from ..signal import TrustRegionSignal
 
 __all__ = ["ClipAwareAdamW"]
 
-_GROUP_DEFAULTS = {"ca_alpha": 1.0, "ca_kappa": 1.0, "ca_f": 0.0, "ca_invalid": False, "ca_skipped": 0,
-                   "ca_started": False}
+_GROUP_DEFAULTS = {
+    "ca_alpha": 1.0,
+    "ca_kappa": 1.0,
+    "ca_f": 0.0,
+    "ca_invalid": False,
+    "ca_skipped": 0,
+    "ca_started": False,
+}
 _ATTR_DEFAULTS: dict[str, Any] = {
-    "gate": True, "controller": True, "tau": 0.05, "alpha_init": 1.0, "backtrack": False, "shrink": 0.5,
+    "gate": True,
+    "controller": True,
+    "tau": 0.05,
+    "alpha_init": 1.0,
+    "backtrack": False,
+    "shrink": 0.5,
     "grow": 1.25,
-    "reset_on_rollout": False, "shrink_momentum": False,
-    "max_backtracks": 5, "nonfinite": "skip", "kernel": "auto",
+    "reset_on_rollout": False,
+    "shrink_momentum": False,
+    "max_backtracks": 5,
+    "nonfinite": "skip",
+    "backend": "auto",
     "last_stats": {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0},
-    "_backtrack_fn": None, "_deepspeed": None,
+    "_backtrack_fn": None,
+    "_deepspeed": None,
 }
 _PICKLED_ATTRS = tuple(k for k in _ATTR_DEFAULTS if not k.startswith("_"))
 
@@ -183,7 +200,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         shrink_momentum: also scale the momentum by ``shrink`` when alpha shrinks (default False).
         max_backtracks: most halvings per step (5).
         nonfinite: ``"skip"`` or ``"raise"`` for non-finite gradients or signals.
-        kernel: ``"auto"`` (Triton on CUDA when available, torch otherwise), ``"torch"`` or
+        backend: ``"auto"`` (Triton on CUDA when available, torch otherwise), ``"torch"`` or
             ``"triton"``.
 
     Usage::
@@ -222,17 +239,22 @@ class ClipAwareAdamW(torch.optim.AdamW):
         shrink_momentum: bool = False,
         max_backtracks: int = 5,
         nonfinite: str = "skip",
-        kernel: str = "auto",
+        backend: Backend = "auto",
+        kernel: str | None = None,
     ) -> None:
         if capturable:
-            raise ValueError("ClipAwareAdamW does not support capturable=True (CUDA graphs): the controller "
-                             "and the non-finite check branch on host scalars; pass capturable=False")
+            raise ValueError(
+                "ClipAwareAdamW does not support capturable=True (CUDA graphs): the controller "
+                "and the non-finite check branch on host scalars; pass capturable=False"
+            )
         if differentiable:
             raise ValueError("ClipAwareAdamW does not support differentiable=True; pass differentiable=False")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+        if kernel is not None:
+            deprecated(f"ClipAwareAdamW(kernel={kernel!r})", f"backend={kernel!r}")
+            backend = kernel  # type: ignore[assignment]
+        check_backend(backend)
         if not 0.0 < shrink < 1.0:
             raise ValueError(f"shrink must be in (0, 1), got {shrink}")
         if grow < 1.0:
@@ -244,8 +266,17 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if max_backtracks < 0:
             raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad,
-            maximize=maximize, foreach=foreach, capturable=False, differentiable=False, fused=fused,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=fused,
         )
         self.gate = bool(gate)
         self.controller = bool(controller)
@@ -258,7 +289,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         self.shrink_momentum = bool(shrink_momentum)
         self.max_backtracks = int(max_backtracks)
         self.nonfinite = nonfinite
-        self.kernel = kernel
+        self.backend = backend
         self._backtrack_fn: Callable[[], TrustRegionSignal] | None = None
         self._deepspeed: dict[str, Any] | None = None  # set by integration.deepspeed.attach_deepspeed
         # GradScaler must unscale and skip overflow steps itself (we pre-scale exp_avg).
@@ -267,7 +298,10 @@ class ClipAwareAdamW(torch.optim.AdamW):
             for k, v in _GROUP_DEFAULTS.items():
                 group.setdefault(k, v)
         self.last_stats: dict[str, float] = {
-            "kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0,
+            "kappa": 1.0,
+            "alpha": 1.0,
+            "overshoot_fraction": 0.0,
+            "backtracks": 0.0,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -280,6 +314,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         extra = {k: state.pop(k) for k in _PICKLED_ATTRS if k in state}
+        if "kernel" in state:  # pickled by 0.1, which called the backend "kernel"
+            extra.setdefault("backend", state.pop("kernel"))
         super().__setstate__(state)
         self.__dict__.update(extra)
         for k, v in _ATTR_DEFAULTS.items():  # unpickled from an older/plain AdamW pickle
@@ -316,8 +352,11 @@ class ClipAwareAdamW(torch.optim.AdamW):
         except ValueError:
             if self.nonfinite == "raise" or signal.is_finite():  # negative masses always raise
                 raise
-            warnings.warn(f"ClipAwareAdamW: non-finite TrustRegionSignal, skipping this window's steps: "
-                          f"{signal.as_dict()}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ClipAwareAdamW: non-finite TrustRegionSignal, skipping this window's steps: {signal.as_dict()}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             for group in self.param_groups:
                 group["ca_invalid"] = True
             return
@@ -451,9 +490,18 @@ class ClipAwareAdamW(torch.optim.AdamW):
             from grpo_fix.kernels.adamw_step import adamw_step_
 
             adamw_step_(
-                params, grads, exp_avgs, exp_avg_sqs, state_steps,
-                lr=float(group["lr"]), alpha=alpha, beta1=float(beta1), beta2=float(beta2),
-                eps=group["eps"], weight_decay=group["weight_decay"], m_scales=m_scales,
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                lr=float(group["lr"]),
+                alpha=alpha,
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                m_scales=m_scales,
                 maximize=group["maximize"],
             )
             return
@@ -472,15 +520,31 @@ class ClipAwareAdamW(torch.optim.AdamW):
             lr = lr * alpha
             wd = wd / alpha  # keep the decoupled decay lr * wd (see the module docstring)
         _adam_functional(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
-            grad_scale=None, found_inf=None, has_complex=has_complex, decoupled_weight_decay=True,
-            amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
-            eps=group["eps"], maximize=group["maximize"],
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=group["fused"],
+            grad_scale=None,
+            found_inf=None,
+            has_complex=has_complex,
+            decoupled_weight_decay=True,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=wd,
+            eps=group["eps"],
+            maximize=group["maximize"],
         )
 
     def _use_triton(self, group, params, has_complex, state_steps) -> bool:
-        if self.kernel == "torch":
+        if self.backend == "torch":
             return False
         ok = (
             not has_complex
@@ -488,9 +552,9 @@ class ClipAwareAdamW(torch.optim.AdamW):
             and not torch.is_tensor(group["lr"])
             and all(p.is_contiguous() for p in params)
         )
-        if self.kernel == "triton":
+        if self.backend == "triton":
             if not ok:
-                raise ValueError("kernel='triton' supports real, contiguous tensors without amsgrad and a float lr")
+                raise ValueError("backend='triton' supports real, contiguous tensors without amsgrad and a float lr")
             return True
         if not ok or not all(p.is_cuda for p in params):
             return False
@@ -523,8 +587,9 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if a != 1.0:
             ms = [self.state[p]["exp_avg"] for p in stepped]
             torch._foreach_mul_(ms, a)
-        self.last_stats = dict(self.last_stats, backtracks=float(tries), backtrack_scale=a, rejected=float(rejected),
-                               overshoot_after=f)
+        self.last_stats = dict(
+            self.last_stats, backtracks=float(tries), backtrack_scale=a, rejected=float(rejected), overshoot_after=f
+        )
 
     @staticmethod
     def _measure(fn) -> float:

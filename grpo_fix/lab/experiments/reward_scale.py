@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from .loop import RunConfig, train
 from .report import markdown_table, write_results
 
@@ -37,21 +36,33 @@ def run(rollouts: int = 8, inner_steps: int = 4, seed: int = 0, lr: float = 1e-3
     for name, cond in CONDITIONS.items():
         runs = {}
         for phi in SCALES:
-            cfg = RunConfig(preset="dr_grpo", adv_scale="none", reward_scale=phi, rollouts=rollouts, inner_steps=inner_steps,
-                            dtype="float64", seed=seed, lr=lr, **cond)
+            cfg = RunConfig(
+                preset="dr_grpo",
+                adv_scale="none",
+                reward_scale=phi,
+                rollouts=rollouts,
+                inner_steps=inner_steps,
+                dtype="float64",
+                seed=seed,
+                lr=lr,
+                **cond,
+            )
             runs[phi] = train(cfg, keep_params=True)
         if theta0 is None:
             theta0 = train(RunConfig(rollouts=0, dtype="float64", seed=seed), keep_params=True).final_params
         moved = float((runs[1.0].final_params - theta0).norm())
         for phi in SCALES:
-            rows.append({
-                "condition": name, "phi": phi,
-                "rel_distance_to_phi1": float((runs[phi].final_params - runs[1.0].final_params).norm()) / moved,
-                "reward_final": runs[phi].summary()["reward_final"],
-                "eps_median_shrink": runs[phi].adam_eps["median_shrink"],
-                "eps_negligible": runs[phi].adam_eps["negligible"],
-                "rewards": runs[phi].rewards,
-            })
+            rows.append(
+                {
+                    "condition": name,
+                    "phi": phi,
+                    "rel_distance_to_phi1": float((runs[phi].final_params - runs[1.0].final_params).norm()) / moved,
+                    "reward_final": runs[phi].summary()["reward_final"],
+                    "eps_median_shrink": runs[phi].adam_eps["median_shrink"],
+                    "eps_negligible": runs[phi].adam_eps["negligible"],
+                    "rewards": runs[phi].rewards,
+                }
+            )
     return rows
 
 
@@ -63,8 +74,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     rows = run(args.rollouts, args.inner_steps, args.seed)
-    table = markdown_table(rows, ["condition", "phi", "rel_distance_to_phi1", "reward_final", "eps_median_shrink",
-                                  "eps_negligible"], floatfmt=".3g")
+    table = markdown_table(
+        rows,
+        ["condition", "phi", "rel_distance_to_phi1", "reward_final", "eps_median_shrink", "eps_negligible"],
+        floatfmt=".3g",
+    )
 
     def plot(fig):
         for j, name in enumerate(CONDITIONS):
@@ -77,8 +91,14 @@ def main(argv=None) -> list[dict]:
                 ax.set_ylabel("mean reward")
                 ax.legend(fontsize=8)
 
-    write_results(args.out, "reward_scale", title="Reward-scale invariance under AdamW (paper Prop. 2)",
-                  table=table, payload={"args": vars(args), "rows": rows}, plot=plot)
+    write_results(
+        args.out,
+        "reward_scale",
+        title="Reward-scale invariance under AdamW (paper Prop. 2)",
+        table=table,
+        payload={"args": vars(args), "rows": rows},
+        plot=plot,
+    )
     print(table)
     return rows
 

@@ -34,7 +34,9 @@ def run(mus, optimizers, seeds, rollouts: int, lr: float, progress=None) -> list
         for name in optimizers:
             results = []
             for seed in seeds:
-                res = train(RunConfig(preset="uniform", optimizer=name, inner_steps=mu, rollouts=rollouts, lr=lr, seed=seed))
+                res = train(
+                    RunConfig(preset="uniform", optimizer=name, inner_steps=mu, rollouts=rollouts, lr=lr, seed=seed)
+                )
                 results.append(res)
                 if progress:
                     progress(f"mu={mu} {name} seed={seed}: {res.summary()}")
@@ -43,20 +45,22 @@ def run(mus, optimizers, seeds, rollouts: int, lr: float, progress=None) -> list
             for r in results:
                 for s in r.steps:
                     per_step.setdefault(s["inner"], []).append(s["overshoot_fraction"])
-            rows.append({
-                "mu": mu,
-                "optimizer": name,
-                "overshoot_fraction": statistics.mean(s["overshoot_fraction"] for s in summaries),
-                "max_excess": statistics.mean(s["max_excess"] for s in summaries),
-                "mean_max_excess": statistics.mean(s["mean_max_excess"] for s in summaries),
-                "reward_start": statistics.mean(s["reward_start"] for s in summaries),
-                "reward_final": statistics.mean(s["reward_final"] for s in summaries),
-                "reward_final_sd": statistics.pstdev(s["reward_final"] for s in summaries),
-                "seconds": statistics.mean(s["seconds"] for s in summaries),
-                "overshoot_by_inner_step": {k: statistics.mean(v) for k, v in sorted(per_step.items())},
-                "reward_curve": [statistics.mean(c) for c in zip(*(r.rewards for r in results))],
-                "seeds": len(seeds),
-            })
+            rows.append(
+                {
+                    "mu": mu,
+                    "optimizer": name,
+                    "overshoot_fraction": statistics.mean(s["overshoot_fraction"] for s in summaries),
+                    "max_excess": statistics.mean(s["max_excess"] for s in summaries),
+                    "mean_max_excess": statistics.mean(s["mean_max_excess"] for s in summaries),
+                    "reward_start": statistics.mean(s["reward_start"] for s in summaries),
+                    "reward_final": statistics.mean(s["reward_final"] for s in summaries),
+                    "reward_final_sd": statistics.pstdev(s["reward_final"] for s in summaries),
+                    "seconds": statistics.mean(s["seconds"] for s in summaries),
+                    "overshoot_by_inner_step": {k: statistics.mean(v) for k, v in sorted(per_step.items())},
+                    "reward_curve": [statistics.mean(c) for c in zip(*(r.rewards for r in results))],
+                    "seeds": len(seeds),
+                }
+            )
     return rows
 
 
@@ -70,14 +74,16 @@ def ratios_vs_adamw(rows: list[dict], mu: int) -> list[dict]:
         if r["mu"] != mu:
             continue
         div = lambda a, b: a / b if b > 0 else float("inf")  # noqa: E731
-        out.append({
-            "optimizer": r["optimizer"],
-            "overshoot_reduction": div(base["overshoot_fraction"], r["overshoot_fraction"]),
-            "max_excess_reduction": div(base["max_excess"], r["max_excess"]),
-            "mean_max_excess_reduction": div(base["mean_max_excess"], r["mean_max_excess"]),
-            "reward_final": r["reward_final"],
-            "reward_final_sd": r["reward_final_sd"],
-        })
+        out.append(
+            {
+                "optimizer": r["optimizer"],
+                "overshoot_reduction": div(base["overshoot_fraction"], r["overshoot_fraction"]),
+                "max_excess_reduction": div(base["max_excess"], r["max_excess"]),
+                "mean_max_excess_reduction": div(base["mean_max_excess"], r["mean_max_excess"]),
+                "reward_final": r["reward_final"],
+                "reward_final_sd": r["reward_final_sd"],
+            }
+        )
     return out
 
 
@@ -103,23 +109,49 @@ def main(argv=None) -> list[dict]:
         for key in ("mus", "optimizers", "seeds", "rollouts", "lr"):
             setattr(args, key, saved["args"][key])
     else:
-        rows = run(args.mus, args.optimizers, list(range(args.seeds)), args.rollouts, args.lr,
-                   progress=None if args.quiet else print)
-    cols = ["mu", "optimizer", "overshoot_fraction", "max_excess", "mean_max_excess", "reward_start", "reward_final",
-            "reward_final_sd"]
+        rows = run(
+            args.mus,
+            args.optimizers,
+            list(range(args.seeds)),
+            args.rollouts,
+            args.lr,
+            progress=None if args.quiet else print,
+        )
+    cols = [
+        "mu",
+        "optimizer",
+        "overshoot_fraction",
+        "max_excess",
+        "mean_max_excess",
+        "reward_start",
+        "reward_final",
+        "reward_final_sd",
+    ]
     table = markdown_table(rows, cols, floatfmt=".3g")
     focus = 4 if 4 in args.mus else max(args.mus)
     table += f"\n\n### Reduction against AdamW at mu = {focus}\n\n"
-    table += markdown_table(ratios_vs_adamw(rows, focus),
-                            ["optimizer", "overshoot_reduction", "max_excess_reduction", "mean_max_excess_reduction",
-                             "reward_final", "reward_final_sd"],
-                            floatfmt=".3g")
+    table += markdown_table(
+        ratios_vs_adamw(rows, focus),
+        [
+            "optimizer",
+            "overshoot_reduction",
+            "max_excess_reduction",
+            "mean_max_excess_reduction",
+            "reward_final",
+            "reward_final_sd",
+        ],
+        floatfmt=".3g",
+    )
     adam = next((r for r in rows if r["optimizer"] == "adamw" and r["mu"] == max(args.mus)), None)
     if adam is not None:
         c = 0.9 / 0.95**0.5
-        steps = [{"inner_step": k, "adamw_overshoot": v, "prop3_residual_factor": c ** (k + 1)}
-                 for k, v in adam["overshoot_by_inner_step"].items()]
-        table += f"\n\n### AdamW overshoot by inner step (mu = {max(args.mus)}) and Prop. 3's (beta1/sqrt(beta2))^(k+1)\n\n"
+        steps = [
+            {"inner_step": k, "adamw_overshoot": v, "prop3_residual_factor": c ** (k + 1)}
+            for k, v in adam["overshoot_by_inner_step"].items()
+        ]
+        table += (
+            f"\n\n### AdamW overshoot by inner step (mu = {max(args.mus)}) and Prop. 3's (beta1/sqrt(beta2))^(k+1)\n\n"
+        )
         table += markdown_table(steps, ["inner_step", "adamw_overshoot", "prop3_residual_factor"], floatfmt=".3g")
 
     def plot(fig):
@@ -140,8 +172,14 @@ def main(argv=None) -> list[dict]:
         ax1.legend(fontsize=7)
 
     payload_args = {k: v for k, v in vars(args).items() if k != "from_json"}
-    write_results(args.out, args.name, title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}",
-                  table=table, payload={"args": payload_args, "rows": rows}, plot=plot)
+    write_results(
+        args.out,
+        args.name,
+        title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}",
+        table=table,
+        payload={"args": payload_args, "rows": rows},
+        plot=plot,
+    )
     print(table)
     return rows
 

@@ -77,14 +77,24 @@ def _aggregate(history: list[dict], key: str, how: str) -> float:
     return max(vals) if how == "max" else statistics.fmean(vals)
 
 
-def run_one(name: str, overrides: dict, *, model_dir: str, out_dir: Path, steps: int, device: str, seed: int,
-            lr: float, beta: float) -> dict:
+def run_one(
+    name: str,
+    overrides: dict,
+    *,
+    model_dir: str,
+    out_dir: Path,
+    steps: int,
+    device: str,
+    seed: int,
+    lr: float,
+    beta: float,
+) -> dict:
+    import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .integration.trl import GRPOFixConfig, GRPOFixTrainer
-    from .toy import build_prompts, target_share_reward
+    from grpo_fix.integration.trl import GRPOFixConfig, GRPOFixTrainer
 
-    import datasets
+    from .toy import build_prompts, target_share_reward
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -116,8 +126,14 @@ def run_one(name: str, overrides: dict, *, model_dir: str, out_dir: Path, steps:
         log_level="warning",
         **overrides,
     )
-    trainer = GRPOFixTrainer(model=model, reward_funcs=target_share_reward, args=args, train_dataset=prompts,
-                             processing_class=tokenizer, callbacks=[_Progress(name, steps).callback])
+    trainer = GRPOFixTrainer(
+        model=model,
+        reward_funcs=target_share_reward,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        callbacks=[_Progress(name, steps).callback],
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our bar replaces the per-step dict printing
@@ -158,8 +174,17 @@ def main(argv=None) -> dict:
         build_model(tokenizer, seed=args.seed).save_pretrained(tmp)  # TRL loads the reference model by path
         tokenizer.save_pretrained(tmp)
         results = [
-            run_one(name, cfg, model_dir=tmp, out_dir=out, steps=args.steps, device=args.device, seed=args.seed,
-                    lr=args.lr, beta=args.beta)
+            run_one(
+                name,
+                cfg,
+                model_dir=tmp,
+                out_dir=out,
+                steps=args.steps,
+                device=args.device,
+                seed=args.seed,
+                lr=args.lr,
+                beta=args.beta,
+            )
             for name, cfg in RUNS.items()
         ]
     cols = ["run", "reward (first step)"] + [c for c, _, _ in COLUMNS] + ["tokens/s"]
@@ -167,8 +192,11 @@ def main(argv=None) -> dict:
     table = markdown_table(rows, cols, floatfmt=".3g")
 
     def plot(fig):
-        panels = [("reward", "reward"), ("grpo_fix/overshoot_fraction", "overshoot fraction"),
-                  ("grpo_fix/max_excess", "max |log s| excess")]
+        panels = [
+            ("reward", "reward"),
+            ("grpo_fix/overshoot_fraction", "overshoot fraction"),
+            ("grpo_fix/max_excess", "max |log s| excess"),
+        ]
         for j, (key, label) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), j + 1)
             for r in results:
@@ -179,9 +207,15 @@ def main(argv=None) -> dict:
             if j == 0:
                 ax.legend(fontsize=8)
 
-    paths = write_results(out, "demo", title="grpo-fix demo: TRL default vs grpo-fix on the toy task", table=table,
-                          payload={"args": vars(args), "runs": results}, plot=plot,
-                          notes="Reward: share of the target character in the completion (random policy ~0.03).")
+    paths = write_results(
+        out,
+        "demo",
+        title="grpo-fix demo: TRL default vs grpo-fix on the toy task",
+        table=table,
+        payload={"args": vars(args), "runs": results},
+        plot=plot,
+        notes="Reward: share of the target character in the completion (random policy ~0.03).",
+    )
     print("\n" + table)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     return {"rows": rows, "paths": paths}

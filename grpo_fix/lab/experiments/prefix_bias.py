@@ -28,9 +28,10 @@ import argparse
 
 import torch
 
-from ..advantages import group_advantages
-from ..config import PRESETS
-from ..surrogate import GroupSurrogateLoss, logp_gradient_coefficient, token_terms, window_alpha
+from grpo_fix import PRESETS, GroupSurrogateLoss, Window, group_advantages
+from grpo_fix.loss.diagnostics import logp_gradient_coefficient
+from grpo_fix.loss.math import token_terms, window_alpha
+
 from .loop import RunConfig, train
 from .report import markdown_table, write_results
 
@@ -77,10 +78,15 @@ def synthetic(draws: int = 200, G: int = 8, seed: int = 0) -> list[dict]:
                     w_agg = float(out.metrics["w_agg"])
                     worst_identity = max(worst_identity, abs(float(grad[:, :K].sum()) + w_agg))
                     total += w_agg / _gross_prefix_mass(loss_fn, leaf.detach(), old, adv, mask)
-                rows.append({
-                    "preset": preset, "prefix": "clipped" if clipped else "on-policy", "scenario": scenario,
-                    "bias": total / draws, "identity_error": worst_identity,
-                })
+                rows.append(
+                    {
+                        "preset": preset,
+                        "prefix": "clipped" if clipped else "on-policy",
+                        "scenario": scenario,
+                        "bias": total / draws,
+                        "identity_error": worst_identity,
+                    }
+                )
     return rows
 
 
@@ -89,20 +95,38 @@ def _gross_prefix_mass(loss_fn, logp, old, adv, mask) -> float:
     |A| in place of A, unclipped (uses the loss's own alpha and ratio spreading)."""
     with torch.no_grad():
         valid = mask.to(torch.bool)
-        terms = token_terms(loss_fn.config, logp, old, adv.abs()[:, None].expand(mask.shape), valid, None,
-                            window_alpha(loss_fn.config, valid))
-        coeff = window_alpha(loss_fn.config, valid) * terms.adv * terms.grad_scale
-        per_token = logp_gradient_coefficient(loss_fn.config, coeff, torch.zeros_like(valid), valid.double(), terms.lengths)
+        terms = token_terms(
+            loss_fn.config,
+            logp,
+            old,
+            adv.abs()[:, None].expand(mask.shape),
+            valid,
+            None,
+            window_alpha(loss_fn.config, valid, Window()),
+        )
+        coeff = window_alpha(loss_fn.config, valid, Window()) * terms.adv * terms.grad_scale
+        per_token = logp_gradient_coefficient(
+            loss_fn.config, coeff, torch.zeros_like(valid), valid.double(), terms.lengths
+        )
         return float(per_token[:, :K].sum())
 
 
 def real_runs(rollouts: int, seeds: list[int], presets=("grpo", "dapo", "uniform"), inner_steps: int = 4) -> list[dict]:
     rows = []
     for preset in presets:
-        summaries = [train(RunConfig(preset=preset, rollouts=rollouts, inner_steps=inner_steps, seed=s)).summary() for s in seeds]
+        summaries = [
+            train(RunConfig(preset=preset, rollouts=rollouts, inner_steps=inner_steps, seed=s)).summary() for s in seeds
+        ]
         mean = lambda k: sum(x[k] for x in summaries) / len(summaries)  # noqa: E731
-        rows.append({"preset": preset, "w_agg_rel": mean("w_agg_rel"), "reward_start": mean("reward_start"),
-                     "reward_final": mean("reward_final"), "seeds": len(seeds)})
+        rows.append(
+            {
+                "preset": preset,
+                "w_agg_rel": mean("w_agg_rel"),
+                "reward_start": mean("reward_start"),
+                "reward_final": mean("reward_final"),
+                "seeds": len(seeds),
+            }
+        )
     return rows
 
 
@@ -137,8 +161,14 @@ def main(argv=None) -> dict:
         ax.set_ylabel("normalised W_agg on shared prefix")
         ax.legend(fontsize=8)
 
-    write_results(args.out, "prefix_bias", title="Prefix bias (paper Prop. 1)", table=table,
-                  payload={"args": vars(args), "synthetic": synth, "real": real}, plot=plot)
+    write_results(
+        args.out,
+        "prefix_bias",
+        title="Prefix bias (paper Prop. 1)",
+        table=table,
+        payload={"args": vars(args), "synthetic": synth, "real": real},
+        plot=plot,
+    )
     print(table)
     return {"synthetic": synth, "real": real}
 

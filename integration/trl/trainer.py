@@ -71,8 +71,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-from grpo_fix import GroupSurrogateLoss, PRESETS, SurrogateConfig, TrustRegionSignal, prefix_consistent_advantages
-from grpo_fix.config import GROUP_CONSTANT_WEIGHTINGS
+from grpo_fix import PRESETS, GroupSurrogateLoss, SurrogateConfig, TrustRegionSignal, prefix_consistent_advantages
+from grpo_fix.loss.config import GROUP_CONSTANT_WEIGHTINGS
+from grpo_fix.options import COMPILE_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ LOSS_TYPES: dict[str, str] = {
 }
 OPTIMIZERS = ("clip_aware_adamw", "adamw")
 LOSS_KERNELS = ("auto", "linear", "torch")
-#: ``GRPOFixConfig.loss_compile_math`` -> the ``compile_math`` of the grpo_fix loss entry points.
-LOSS_COMPILE_MATH = {"auto": "auto", "always": True, "never": False}
+#: ``GRPOFixConfig.loss_compile_math``: the ``compile_math`` of the grpo_fix loss entry points.
+LOSS_COMPILE_MATH = COMPILE_CHOICES
 
 #: Key of the per-micro-batch tensor ``(num_iterations,)`` float64 holding, for each replay of the
 #: buffered micro-batch, the global valid-token count of the optimizer window it belongs to.
@@ -169,13 +170,13 @@ class GRPOFixConfig(GRPOConfig):
             loss types the default ``True`` is switched off with a warning.
         optimizer: ``"clip_aware_adamw"`` (default) or ``"adamw"`` (TRL's ``args.optim``).
         clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_alpha_init,
-            clip_aware_backtrack: the :class:`grpo_fix.clip_aware_adamw.ClipAwareAdamW` mechanisms
+            clip_aware_backtrack: the :class:`grpo_fix.ClipAwareAdamW` mechanisms
             (``gate``, ``controller``, ``tau``, ``alpha_init``, ``backtrack``; same defaults, except
             that ``clip_aware_alpha_init=None`` warm-starts at 0.1 when rollouts are replayed).
         loss_kernel: ``"auto"`` (default: grpo_fix's logits-free Triton loss when the model is on
             CUDA, else TRL's fused log-probs + the torch loss), ``"linear"`` or ``"torch"``.
         loss_compile_math: ``"auto"`` (default: the loss's per-token math under ``torch.compile``
-            on CUDA), ``"always"`` or ``"never"`` (see :mod:`grpo_fix.compiled_math`).
+            on CUDA), ``"always"`` or ``"never"`` (see :mod:`grpo_fix.loss.compiled`).
     """
 
     loss_type: str = field(
@@ -192,22 +193,28 @@ class GRPOFixConfig(GRPOConfig):
     clip_aware_tau: float = field(default=0.05, metadata={"help": "Overshoot-fraction threshold."})
     clip_aware_alpha_init: float | None = field(
         default=None,
-        metadata={"help": "The controller's alpha before the first window; None: 0.1 (warm start) when rollouts "
-                  "are replayed (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), "
-                  "else 1.0."},
+        metadata={
+            "help": "The controller's alpha before the first window; None: 0.1 (warm start) when rollouts "
+            "are replayed (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), "
+            "else 1.0."
+        },
     )
     clip_aware_backtrack: bool = field(
         default=False, metadata={"help": "Backtrack steps past the trust region (one extra no-grad forward)."}
     )
     loss_kernel: str = field(
         default="auto",
-        metadata={"help": f"One of {LOSS_KERNELS}: 'linear' = grpo_fix's logits-free Triton loss (hidden + lm_head "
-                  "in, loss out), 'torch' = TRL's fused log-probs + the torch loss, 'auto' = linear on CUDA."},
+        metadata={
+            "help": f"One of {LOSS_KERNELS}: 'linear' = grpo_fix's logits-free Triton loss (hidden + lm_head "
+            "in, loss out), 'torch' = TRL's fused log-probs + the torch loss, 'auto' = linear on CUDA."
+        },
     )
     loss_compile_math: str = field(
         default="auto",
-        metadata={"help": f"One of {tuple(LOSS_COMPILE_MATH)}: the loss's per-token math under torch.compile "
-                  "('auto' = on CUDA)."},
+        metadata={
+            "help": f"One of {tuple(LOSS_COMPILE_MATH)}: the loss's per-token math under torch.compile "
+            "('auto' = on CUDA)."
+        },
     )
 
     def __post_init__(self):
@@ -250,7 +257,8 @@ class GRPOFixConfig(GRPOConfig):
             if weighting not in GROUP_CONSTANT_WEIGHTINGS or not token_ratios:
                 logger.warning(
                     "prefix_consistent=True is only defined for token ratios with a group-constant weighting "
-                    "(uniform, dapo, bnpo, dr_grpo); switching it off for loss_type=%r", self.loss_type
+                    "(uniform, dapo, bnpo, dr_grpo); switching it off for loss_type=%r",
+                    self.loss_type,
                 )
                 self.prefix_consistent = False
         ds_cfg = _load_ds_config(self.deepspeed)
@@ -328,8 +336,9 @@ class GRPOFixTrainer(GRPOTrainer):
                 f"GRPOFixTrainer needs args=GRPOFixConfig(...) (a trl.GRPOConfig subclass), got {type(a).__name__}"
             )
         super().__init__(*args, **kwargs)
-        self.surrogate = GroupSurrogateLoss(surrogate_config_from_args(self.args),
-                                            compile_math=LOSS_COMPILE_MATH[self.args.loss_compile_math])
+        self.surrogate = GroupSurrogateLoss(
+            surrogate_config_from_args(self.args), compile_math=self.args.loss_compile_math
+        )
         self._gf_linear = self._use_linear_kernel()
         if self._gf_linear:
             _install_linear_loss_forward(self.model)
@@ -370,7 +379,7 @@ class GRPOFixTrainer(GRPOTrainer):
         """
         if self.args.optimizer != "clip_aware_adamw" or self.optimizer is not None:
             return super().create_optimizer(model)
-        from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+        from grpo_fix import ClipAwareAdamW
 
         saved = self.optimizer_cls_and_kwargs
         self.optimizer_cls_and_kwargs = (ClipAwareAdamW, self._clip_aware_kwargs())
@@ -401,7 +410,7 @@ class GRPOFixTrainer(GRPOTrainer):
             return self._gf_optimizer
         if self.args.optimizer != "clip_aware_adamw" or self.optimizer is None:
             return None
-        from grpo_fix.clip_aware_adamw import ClipAwareAdamW
+        from grpo_fix import ClipAwareAdamW
 
         engine = engine if engine is not None else getattr(self, "model_wrapped", None)
         is_ds = getattr(self, "is_deepspeed_enabled", False) and hasattr(engine, "basic_optimizer")
@@ -550,14 +559,21 @@ class GRPOFixTrainer(GRPOTrainer):
             return False
         text_config = self.model.config.get_text_config()
         unsupported = [
-            name for name, bad in (
+            name
+            for name, bad in (
                 ("final_logit_softcapping", getattr(text_config, "final_logit_softcapping", None) is not None),
-                ("logit_scale", any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in
-                                    ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))),
+                (
+                    "logit_scale",
+                    any(
+                        getattr(text_config, a, None) not in (None, 1, 1.0)
+                        for a in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+                    ),
+                ),
                 ("MoE aux loss", self.aux_loss_enabled),
                 ("multimodal model", text_config is not self.model.config),
                 ("no output embeddings", self.model.get_output_embeddings() is None),
-            ) if bad
+            )
+            if bad
         ]
         if choice == "auto":
             on_cuda = next(self.model.parameters()).is_cuda or (torch.cuda.is_available() and not self.args.use_cpu)
@@ -574,8 +590,7 @@ class GRPOFixTrainer(GRPOTrainer):
             )
         return True
 
-    def _linear_kernel_loss(self, model, input_ids, attention_mask, completion_ids, old, advantages, mask,
-                            loss_kwargs):
+    def _linear_kernel_loss(self, model, input_ids, attention_mask, completion_ids, old, advantages, mask, loss_kwargs):
         """Forward through the (wrapped) model so DDP / ZeRO-3 hooks fire; the patched forward runs
         the backbone and grpo_fix's logits-free loss and returns the scalar loss."""
         spec = dict(
@@ -660,8 +675,9 @@ class GRPOFixTrainer(GRPOTrainer):
         if linear:
             kernel_kwargs = {k: v for k, v in loss_kwargs.items() if k != "completion_ids"}
             kernel_kwargs["compile_math"] = self.surrogate.compile_math
-            loss, out = self._linear_kernel_loss(model, input_ids, attention_mask, completion_ids, old,
-                                                 inputs["advantages"], mask, kernel_kwargs)
+            loss, out = self._linear_kernel_loss(
+                model, input_ids, attention_mask, completion_ids, old, inputs["advantages"], mask, kernel_kwargs
+            )
         else:
             out = self.surrogate(per_token_logps, old, inputs["advantages"], mask, **loss_kwargs)
             loss = out.loss
@@ -771,7 +787,7 @@ def _install_linear_loss_forward(model) -> None:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         T = spec["logits_to_keep"]
-        hidden = hidden[:, -T - 1:-1]  # position t predicts completion token t
+        hidden = hidden[:, -T - 1 : -1]  # position t predicts completion token t
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         with maybe_gather_lm_head_ctx(weight, bias):

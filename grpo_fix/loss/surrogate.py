@@ -1,0 +1,146 @@
+"""The unified GRPO surrogate (paper Eq. 1) on log-probs: :func:`surrogate_loss`, the single
+source of truth that every backend and adapter runs.
+
+**The corrected loss** (``preset="uniform"``) takes ``alpha = 1 / N_window`` (every valid token of
+the optimizer window weighs the same, however the window is split into micro-batches or ranks),
+token-level ratios (so omega = alpha * s is identical on a shared prefix) and prefix-consistent
+clipping (:mod:`grpo_fix.loss.prefix`).  Then a prefix shared by the whole group gets exactly zero
+gradient, clipped or not (Prop. 1, Case 1 made robust to clipping).
+
+**Windows.**  Pass the :class:`grpo_fix.Window` of the call (tokens and sequences of the whole
+optimizer window, micro-batches, data-parallel ranks) and the accumulated, rank-averaged gradient
+is exactly the gradient of the window objective.  The returned loss is already scaled for
+gradient accumulation (TRL's ``loss_is_scaled_for_ga``): do not divide it again.
+
+**The loss value is not a progress metric** (paper Prop. 4, App. A): with centred advantages it is
+dominated by the weighting, the KL term and ratio noise.  Log rewards; the metrics returned here
+are diagnostics of the optimisation (clip fractions, KL, the trust-region signal, W_agg).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..options import CompileMath, check_compile_math
+from ..signal import TrustRegionSignal
+from ..window import Window
+from .compiled import run_math, use_compiled
+from .config import SurrogateConfig
+from .diagnostics import trust_region_diagnostics
+from .math import token_advantages, token_terms, window_alpha
+from .prefix import PrefixClasses, prefix_classes
+from .validation import CHECKS, Checks, ValueChecks, check_inputs, value_checks
+
+
+@dataclass(frozen=True)
+class SurrogateOutput:
+    """``loss`` (scalar, GA-scaled), ``signal`` (:class:`TrustRegionSignal` of this call) and
+    ``metrics`` (detached 0-dim tensors: ``clip_low``, ``clip_high``, ``clip_region``, ``kl``
+    when a reference is given, ``w_agg`` / ``w_agg_abs`` when ``completion_ids`` and
+    ``group_size`` are given).  No host synchronisation happens until you read them.
+
+    ``checks``: the value checks of the call; with ``checks="deferred"`` call
+    :meth:`raise_on_bad_input` at your next sync (before the optimizer step), otherwise they
+    were already read.
+    """
+
+    loss: torch.Tensor
+    signal: TrustRegionSignal
+    metrics: dict[str, torch.Tensor]
+    checks: ValueChecks = field(default_factory=ValueChecks, repr=False)
+
+    def raise_on_bad_input(self) -> None:
+        """Read the value checks (one host sync, at most once) and raise ``ValueError`` naming
+        every failed one."""
+        self.checks.raise_if_bad()
+
+
+def check_call(
+    cfg: SurrogateConfig, logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp, checks: str
+) -> None:
+    """The static checks every entry point runs before any work."""
+    check_inputs(logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp)
+    if cfg.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta={cfg.beta} needs ref_logp (reference-policy log-probs); pass it or set beta=0")
+    if cfg.prefix_consistent and completion_ids is not None and group_size is None:
+        raise ValueError("prefix-consistent clipping with completion_ids needs group_size (whole groups)")
+    if checks not in CHECKS:
+        raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
+
+
+def surrogate_loss(
+    cfg: SurrogateConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group_size: int | None,
+    completion_ids: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    window: Window | None = None,
+    classes: PrefixClasses | None = None,
+    compile_math: CompileMath = "auto",
+    checks: Checks = "eager",
+    extra_checks: ValueChecks | None = None,
+    **legacy_window,
+) -> SurrogateOutput:
+    """Eq. 1 on ``(B, T)`` log-probs (the functional form of :class:`~grpo_fix.GroupSurrogateLoss`).
+
+    Args:
+        cfg: the configuration (a :data:`~grpo_fix.PRESETS` entry or any :class:`SurrogateConfig`).
+        logp: log-probs of the completion tokens under the current policy (with grad).
+        old_logp: under the sampling policy; None means on-policy (``logp.detach()``, ratio 1).
+        advantages: ``(B,)`` or per-token ``(B, T)``.
+        mask: ``(B, T)`` bool or 0/1; masked positions may hold anything.
+        group_size: G, groups are consecutive blocks of G rows; None when the call holds partial
+            or shuffled groups (precompute prefix-consistent advantages at rollout time).
+        completion_ids: ``(B, T)`` token ids: inline prefix-consistent advantages (whole groups)
+            and the W_agg metric.
+        ref_logp: reference-policy log-probs, required when ``beta > 0``.
+        window: the optimizer window (:class:`grpo_fix.Window`); default: this call alone.
+        classes: the prefix classes of ``completion_ids`` when the caller already has them
+            (:func:`grpo_fix.prefix_classes`, computed at rollout time saves the host sync of
+            ``torch.unique`` here).
+        compile_math: ``"auto"``, ``"always"`` or ``"never"`` (:mod:`grpo_fix.loss.compiled`).
+        checks: ``"eager"`` reads the value checks once the forward math is queued (one host
+            sync); ``"deferred"`` returns them unread in ``out.checks``: no host sync at all, and
+            the caller must call ``out.raise_on_bad_input()`` before stepping the optimizer.
+        extra_checks: device-side checks of the caller (the vocabulary paths' token-id range),
+            read together with these.
+        **legacy_window: ``num_window_tokens``, ``num_window_seqs``, ``num_micro_batches``,
+            ``dp_size`` of earlier releases (deprecated; use ``window``).
+    """
+    win = Window.resolve(window, legacy_window)
+    check_call(cfg, logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp, checks)
+    if classes is not None and (group_size is None or tuple(classes.index.shape) != tuple(logp.shape)):
+        raise ValueError(f"classes must come with group_size and match logp's shape {tuple(logp.shape)}")
+    compiled = use_compiled(check_compile_math(compile_math), logp)
+
+    valid = mask.to(torch.bool)
+    if classes is None and completion_ids is not None and group_size:
+        classes = prefix_classes(completion_ids, group_size, valid)
+    adv = token_advantages(cfg, advantages, valid, classes)
+    alpha = window_alpha(cfg, valid, win)
+    found = value_checks(logp, old_logp, advantages, mask, ref_logp, win, alpha)
+    if extra_checks is not None and extra_checks.flags is not None:
+        found = found.extend(list(extra_checks.flags.unbind()), extra_checks.messages)
+    loss, signal, metrics = run_math(
+        policy_math, cfg, compiled, logp, old_logp, adv, valid, ref_logp, alpha, classes, group_size
+    )
+    out = SurrogateOutput(loss=loss, signal=signal, metrics=metrics, checks=found)
+    if checks == "eager":
+        out.raise_on_bad_input()
+    return out
+
+
+def policy_math(cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha, classes, group_size):
+    """The part of Eq. 1 that depends on the current log-probs: ``(loss, signal, metrics)`` from
+    token advantages ``adv`` and weights ``alpha`` (what :func:`surrogate_loss` and the vocabulary
+    paths run, compiled or not; see :mod:`grpo_fix.loss.compiled`)."""
+    terms = token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha)
+    with torch.no_grad():
+        signal, metrics = trust_region_diagnostics(cfg, valid, terms, alpha, classes, group_size)
+    return terms.loss, signal, metrics
