@@ -19,11 +19,23 @@ dapo       1 / N_window                                    yes
 seq_mean   1 / (N_seqs_window * |o_i|)  (GRPO, GSPO, v3.2) no: length-dependent prefix bias
 bnpo       1 / (N_tokens_micro_batch * num_micro_batches)  yes, but depends on micro-batching
 dr_grpo    1 / (B_micro * L_max * num_micro_batches)       yes
+seq_sum    1 / N_seqs_window  (LUSPO: a sequence's sum)    yes (a long completion weighs more)
 ========== =============================================== ==========================================
 
-Ratios: ``token`` (exp(logp - old)), ``sequence`` (GSPO: exp(mean_t(logp - old)), the 1/|o| exponent),
-``sequence_unnormalized`` (GCPO: exp(sum_t(logp - old))), ``sg_logp`` (CISPO: sg(clamp(s)) * logp),
-``logp`` (GPG: plain policy gradient, no ratio and no clipping).
+Ratios (how s is formed): ``token`` (exp(logp - old)), ``sequence`` (GSPO: exp(mean_t(logp - old)),
+the 1/|o| exponent), ``sequence_unnormalized`` (GCPO: exp(sum_t(logp - old))); and the
+log-prob forms with a detached weight: ``sg_logp`` (CISPO: sg(clamp(s)) * logp), ``vespo`` (VESPO:
+sg(phi(w)) * logp with the Gamma weight phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio
+w, k and lambda by the advantage's sign), ``logp`` (GPG: plain policy gradient).
+
+Gates (how s becomes the policy term, for ``token`` / ``sequence`` ratios): ``clip`` (PPO's
+min/clip of Eq. 1, optionally the two-sided ``delta``) or ``soft`` (SAPO: sigmoid(tau (s - 1)) *
+4 / tau * A, tau by the advantage's sign; no hard clip).
+
+Regularisers: ``beta`` times a KL estimate (``kl_estimator``, optionally times the ratio); an
+entropy bonus ``- entropy_coef * mean H`` whose coefficient is a call argument (TRL adapts it per
+step), averaged over the window (``entropy_weighting="window"``, exact under accumulation) or
+over each micro-batch and divided by the accumulation steps (``"micro_batch"``, TRL 1.16).
 
 Decisions recorded here (the paper's Table 1 leaves them open):
 
@@ -36,6 +48,8 @@ Decisions recorded here (the paper's Table 1 leaves them open):
 - CISPO's IS weight is ``sg(clamp(s, 1 - eps_low, 1 + eps_high))``; TRL caps at the raw
   ``epsilon_high`` (5.0 recommended), i.e. our ``eps_high = epsilon_high - 1``; ``eps_low = 1``
   disables the lower bound.
+- TRL's vLLM importance-sampling correction and entropy mask are call arguments (``is_ratio``,
+  ``policy_mask``) that multiply the policy term (VESPO puts the IS ratio inside w, as TRL does).
 - GTPO is not shipped: its conflict-token weights and entropy filter are not pinned down by
   2601.05002, and GPG's batch correction alpha_hat (a per-batch scalar) is left out.
 """
@@ -45,12 +59,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
-Weighting = Literal["uniform", "dapo", "seq_mean", "bnpo", "dr_grpo"]
-RatioKind = Literal["token", "sequence", "sequence_unnormalized", "sg_logp", "logp"]
+Weighting = Literal["uniform", "dapo", "seq_mean", "bnpo", "dr_grpo", "seq_sum"]
+RatioKind = Literal["token", "sequence", "sequence_unnormalized", "sg_logp", "vespo", "logp"]
+Gate = Literal["clip", "soft"]
 KLEstimator = Literal["k1", "k2", "k3"]
+EntropyWeighting = Literal["window", "micro_batch"]
 
-CLIPPED_RATIOS = ("token", "sequence", "sequence_unnormalized")
-GROUP_CONSTANT_WEIGHTINGS = ("uniform", "dapo", "bnpo", "dr_grpo")
+#: Ratios whose policy term is a function of s (``gate``); the others weight ``log pi``.
+RATIO_GATED = ("token", "sequence", "sequence_unnormalized")
+#: Kept for 0.1 callers: the ratios PPO's clip applies to (with ``gate="clip"``).
+CLIPPED_RATIOS = RATIO_GATED
+GROUP_CONSTANT_WEIGHTINGS = ("uniform", "dapo", "bnpo", "dr_grpo", "seq_sum")
 
 
 @dataclass(frozen=True)
@@ -59,11 +78,16 @@ class SurrogateConfig:
 
     Args:
         weighting: the normaliser alpha (table in the module docstring).
-        ratio: the importance ratio s.
+        ratio: the importance ratio s (module docstring).
+        gate: ``"clip"`` (PPO) or ``"soft"`` (SAPO) for ``token`` / ``sequence`` ratios.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``eps_high=None`` means
-            ``eps_low``.  For ``sg_logp`` it bounds the stop-gradient IS weight instead.
+            ``eps_low``.  For ``sg_logp`` it bounds the stop-gradient IS weight instead.  Every
+            ratio measures the trust-region signal against it.
         delta: optional upper bound on the unclipped branch (two-sided clipping, INTELLECT-2 /
             TRL's ``delta``); must exceed ``1 + eps_high``.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's tau for ``A > 0`` / ``A <= 0`` (1.0 / 1.05).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma-weight shape for
+            ``A >= 0`` / ``A < 0`` (2, 3, 3, 2, TRL's defaults).
         beta: KL coefficient; needs ``ref_logp`` when non-zero.
         kl_estimator: ``k1`` = log(pi/ref), ``k2`` = (log(pi/ref))^2 / 2, ``k3`` =
             ref/pi - log(ref/pi) - 1 (Table 1's D_KL).
@@ -76,10 +100,12 @@ class SurrogateConfig:
         adv_threshold: CPPO's gamma: completions with ``|A_i| <= gamma`` are dropped.
         off_policy_mask_threshold: DeepSeek-V3.2's M_{i,t}: a completion with ``A_i < 0`` whose
             mean ``old_logp - logp`` exceeds the threshold is dropped.
+        entropy_weighting: how the entropy bonus is averaged (``"window"`` or ``"micro_batch"``).
     """
 
     weighting: Weighting = "uniform"
     ratio: RatioKind = "token"
+    gate: Gate = "clip"
     eps_low: float = 0.2
     eps_high: float | None = None
     delta: float | None = None
@@ -90,11 +116,32 @@ class SurrogateConfig:
     max_completion_length: int | None = None
     adv_threshold: float | None = None
     off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_weighting: EntropyWeighting = "window"
 
     def __post_init__(self) -> None:
         _check_choice("weighting", self.weighting, Weighting)
         _check_choice("ratio", self.ratio, RatioKind)
         _check_choice("kl_estimator", self.kl_estimator, KLEstimator)
+        _check_choice("gate", self.gate, Gate)
+        _check_choice("entropy_weighting", self.entropy_weighting, EntropyWeighting)
+        if self.gate == "soft":
+            if self.ratio not in RATIO_GATED:
+                raise ValueError(f"gate='soft' (SAPO) needs a token or sequence ratio, not ratio={self.ratio!r}")
+            if self.delta is not None:
+                raise ValueError("gate='soft' (SAPO) has no hard clip: delta must be None")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            value = getattr(self, name)
+            if not (value == value and abs(value) != float("inf")):
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.eps_high is None:
             object.__setattr__(self, "eps_high", self.eps_low)
         if not 0.0 <= self.eps_low <= 1.0:
@@ -103,7 +150,7 @@ class SurrogateConfig:
         if not self.eps_high > lower_eps_high or self.eps_high != self.eps_high:
             raise ValueError(f"eps_high must be > {lower_eps_high} for ratio={self.ratio!r}, got {self.eps_high}")
         if self.delta is not None:
-            if self.ratio not in CLIPPED_RATIOS:
+            if self.ratio not in RATIO_GATED:
                 raise ValueError(f"delta (two-sided clipping) needs a clipped ratio, not ratio={self.ratio!r}")
             if not self.delta > 1.0 + self.eps_high:
                 raise ValueError(f"delta must exceed 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
@@ -130,8 +177,8 @@ class SurrogateConfig:
 
     @property
     def clips(self) -> bool:
-        """Whether the PPO min/clip wrapper of Eq. 1 is active for this ratio."""
-        return self.ratio in CLIPPED_RATIOS
+        """Whether the PPO min/clip wrapper of Eq. 1 is active (a gated ratio with ``gate="clip"``)."""
+        return self.ratio in RATIO_GATED and self.gate == "clip"
 
     def replace(self, **changes) -> SurrogateConfig:
         return replace(self, **changes)
@@ -165,6 +212,9 @@ PRESETS: dict[str, SurrogateConfig] = {
     # TRL 1.16 loss types (TRL's defaults: eps 0.2, k3 KL with the ratio correction when beta > 0)
     "grpo": SurrogateConfig("seq_mean", "token", kl_times_ratio=True),
     "bnpo": SurrogateConfig("bnpo", "token", kl_times_ratio=True),
+    "sapo": SurrogateConfig("seq_mean", "token", gate="soft", kl_times_ratio=True),
+    "vespo": SurrogateConfig("dapo", "vespo", kl_times_ratio=True),
+    "luspo": SurrogateConfig("seq_sum", "token", kl_times_ratio=True),
 }
 
 

@@ -31,7 +31,7 @@ from .config import SurrogateConfig
 from .logits import classes_before_launch
 from .math import token_advantages, token_loss, window_alpha
 from .packed import PackedLayout
-from .surrogate import SurrogateOutput, check_call, surrogate_loss
+from .surrogate import SurrogateOutput, as_token_weights, check_call, surrogate_loss
 from .validation import Checks, ValueChecks
 
 #: Ratios whose terms are local to a token (chunks may split rows).
@@ -109,6 +109,8 @@ def linear_surrogate_loss(
     temperature: float = 1.0,
     ref_logp: torch.Tensor | None = None,
     window: Window | None = None,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
     chunk_tokens: int = 4096,
     cu_seqlens: torch.Tensor | None = None,
     compile_math: CompileMath = "auto",
@@ -126,7 +128,8 @@ def linear_surrogate_loss(
     - ``chunk_tokens``: at most this many tokens per chunk (balanced; whole rows of
       ``chunk_tokens // T`` for sequence ratios / the off-policy mask); the buffer is ``[chunk, V]``.
     - ``cu_seqlens`` ``(B + 1,)``: packed inputs: ``hidden`` ``(N, H)``, ``completion_ids`` /
-      ``mask`` (None: all) / ``old_logp`` / ``ref_logp`` ``(N,)``, ``advantages`` ``(B,)`` or ``(N,)``.
+      ``mask`` (None: all) / ``old_logp`` / ``ref_logp`` ``(N,)``, ``advantages``, ``is_ratio``
+      and ``policy_mask`` ``(B,)`` or ``(N,)``.
     - ``backend``: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` (materialises the logits:
       the reference) or ``"triton"``.
     - every other argument is that of :func:`grpo_fix.surrogate_loss`.
@@ -159,6 +162,8 @@ def linear_surrogate_loss(
     if lay is not None:
         completion_ids, mask = lay.pad(completion_ids, "completion_ids"), lay.pad(mask.to(torch.bool), "mask", False)
         old_logp, ref_logp = lay.pad(old_logp, "old_logp"), lay.pad(ref_logp, "ref_logp")
+        is_ratio = lay.pad_token_weights(is_ratio, "is_ratio")
+        policy_mask = lay.pad_token_weights(policy_mask, "policy_mask")
     check_call(
         cfg,
         torch.empty(mask.shape, device=hidden.device),
@@ -171,7 +176,12 @@ def linear_surrogate_loss(
         checks,
     )
     id_check = ValueChecks().extend([ids_out_of_range(packed_ids, packed_mask, V)], [IDS_OUT_OF_RANGE])
+    shape_like = torch.empty(mask.shape, device=hidden.device)
+    is_ratio = as_token_weights("is_ratio", is_ratio, shape_like)
+    policy_mask = as_token_weights("policy_mask", policy_mask, shape_like)
     loss_args = dict(
+        is_ratio=is_ratio,
+        policy_mask=policy_mask,
         group_size=group_size,
         completion_ids=completion_ids if group_size is not None else None,
         ref_logp=ref_logp,
@@ -193,7 +203,12 @@ def linear_surrogate_loss(
     classes = classes_before_launch(completion_ids, group_size, valid)
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(cfg, valid, win).expand(B, T)
-    live = _live_tokens(cfg, adv, valid, ref_logp is not None)
+    weight_of = adv if policy_mask is None else adv * policy_mask
+    if is_ratio is not None and cfg.ratio != "vespo":
+        weight_of = weight_of * is_ratio
+    live = _live_tokens(cfg, weight_of, valid, ref_logp is not None)
+    full = lambda t: None if t is None else t.expand(B, T)  # noqa: E731
+    is_ratio, policy_mask = full(is_ratio), full(policy_mask)
     if cfg.ratio in TOKEN_LOCAL_RATIOS and cfg.off_policy_mask_threshold is None:
         chunks, row_sets = balanced_chunks(live.reshape(-1).nonzero().squeeze(1), chunk_tokens), None
     else:
@@ -213,6 +228,8 @@ def linear_surrogate_loss(
                     torch.ones_like(leaf[None], dtype=torch.bool),
                     pick(ref_logp, idx),
                     pick(alpha, idx),
+                    pick(is_ratio, idx),
+                    pick(policy_mask, idx),
                 )
             else:  # whole rows: scatter the chunk's log-probs into its rows
                 r = row_sets[k]  # sorted row numbers
@@ -226,6 +243,8 @@ def linear_surrogate_loss(
                     valid.index_select(0, r),
                     sel(ref_logp),
                     alpha.index_select(0, r),
+                    sel(is_ratio),
+                    sel(policy_mask),
                 )
             loss_c = run_math(token_loss, cfg, compiled, *args)
             (dlogp,) = torch.autograd.grad(loss_c, leaf, allow_unused=True)

@@ -54,6 +54,8 @@ def logits_surrogate_loss(
     temperature: float = 1.0,
     ref_logp: torch.Tensor | None = None,
     window: Window | None = None,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
     inplace_backward: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     compile_math: CompileMath = "auto",
@@ -74,7 +76,8 @@ def logits_surrogate_loss(
       included); also used for prefix-consistent advantages and W_agg with ``group_size``.
     - ``cu_seqlens`` ``(B + 1,)``: packed (padding-free) inputs: ``logits`` ``(N, V)``,
       ``completion_ids`` / ``mask`` / ``old_logp`` / ``ref_logp`` ``(N,)`` (``mask`` may be None:
-      all tokens), ``advantages`` ``(B,)`` or ``(N,)``; the loss is that of the padded batch.
+      all tokens), ``advantages``, ``is_ratio`` and ``policy_mask`` ``(B,)`` or ``(N,)``; the loss
+      is that of the padded batch.
     - ``backend``: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``
       (:mod:`grpo_fix.options`); both check their inputs the same way.
     - every other argument is that of :func:`grpo_fix.surrogate_loss`.
@@ -104,6 +107,10 @@ def logits_surrogate_loss(
         valid = lay.pad(mask.to(torch.bool), "mask", False)
         ids = lay.pad(completion_ids, "completion_ids")
         old_logp, ref_logp = lay.pad(old_logp, "old_logp"), lay.pad(ref_logp, "ref_logp")
+        is_ratio, policy_mask = (
+            lay.pad_token_weights(is_ratio, "is_ratio"),
+            lay.pad_token_weights(policy_mask, "policy_mask"),
+        )
     else:
         V = check_logits(logits, completion_ids, mask)
         valid, ids = mask, completion_ids
@@ -137,4 +144,6 @@ def logits_surrogate_loss(
         compile_math=compile_math,
         checks=checks,
         extra_checks=id_check,
+        is_ratio=is_ratio,
+        policy_mask=policy_mask,
     )

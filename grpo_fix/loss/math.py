@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..window import Window
-from .config import SurrogateConfig
+from .config import RATIO_GATED, SurrogateConfig
 from .prefix import PrefixClasses
 
 #: |log-ratio| and |ref - logp| are clamped to this before ``exp`` (as verl and OpenRLHF do), so
@@ -91,9 +91,11 @@ def window_alpha(cfg: SurrogateConfig, valid: torch.Tensor, window: Window) -> t
     if cfg.weighting in ("uniform", "dapo"):
         n = m.sum() if window.tokens is None else _as_tensor(window.tokens, m)
         return window.dp_size / n.clamp_min(1.0)
-    if cfg.weighting == "seq_mean":
-        seqs = B * window.micro_batches * window.dp_size if window.seqs is None else window.seqs
-        return window.dp_size / (_as_tensor(seqs, m).clamp_min(1.0) * m.sum(-1, keepdim=True).clamp_min(1.0))
+    if cfg.weighting in ("seq_mean", "seq_sum"):
+        seqs = _as_tensor(B * window.micro_batches * window.dp_size if window.seqs is None else window.seqs, m)
+        if cfg.weighting == "seq_sum":  # LUSPO: a sequence's summed tokens, averaged over sequences
+            return window.dp_size / seqs.clamp_min(1.0)
+        return window.dp_size / (seqs.clamp_min(1.0) * m.sum(-1, keepdim=True).clamp_min(1.0))
     if cfg.weighting == "bnpo":
         return 1.0 / (m.sum().clamp_min(1.0) * window.micro_batches)
     # dr_grpo: constant 1 / (B * L_max)
@@ -109,13 +111,18 @@ def token_terms(
     valid: torch.Tensor,
     ref_logp: torch.Tensor | None,
     alpha: torch.Tensor,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
 ) -> TokenTerms:
     """Eq. 1 on complete rows with precomputed ``(B, T)`` advantages and weights ``alpha``.
 
     Everything here is local to a row (the sequence ratios and the OPSM filter reduce over a
     row only), so the loss of a batch is the sum of this function over any split of its rows.
     Masked positions are replaced by 0 before any arithmetic: NaN/inf there never propagates.
-    ``old_logp`` and ``ref_logp`` are constants of the objective and are detached.
+    ``old_logp``, ``ref_logp``, ``is_ratio`` and ``policy_mask`` are constants of the objective
+    and are detached.  ``is_ratio`` (the sampler's importance ratio, vLLM) and ``policy_mask``
+    (e.g. TRL's entropy mask) multiply the policy term, i.e. the effective advantage (the policy
+    term is linear in A for a fixed ratio); VESPO takes ``is_ratio`` into its sequence weight.
     """
     cdt = compute_dtype(logp.dtype)
     m = valid.to(cdt)
@@ -131,6 +138,10 @@ def token_terms(
     if cfg.off_policy_mask_threshold is not None:
         seq_kl = ((old - lp.detach()) * m).sum(-1, keepdim=True) / lengths.clamp_min(1)
         adv = torch.where((adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold), adv, zero)
+    if policy_mask is not None:
+        adv = adv * torch.where(valid, policy_mask.detach().to(cdt), zero)
+    if is_ratio is not None and cfg.ratio != "vespo":
+        adv = adv * torch.where(valid, is_ratio.detach().to(cdt), zero)
 
     # importance ratio s (Eq. 3 and Table 1's sequence-level variants)
     log_ratio_tok = lp - old
@@ -144,7 +155,9 @@ def token_terms(
     s = _exp(log_s, bound)
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
 
-    # policy term phi; "zeroed" marks tokens in the clipped region of Eq. 28
+    # policy term phi; "zeroed" marks tokens in the clipped region of Eq. 28; grad_scale is
+    # |d phi / d log pi| / |A|
+    zeroed = torch.zeros_like(valid)
     if cfg.clips:
         s_unclipped = s if cfg.delta is None else torch.clamp(s, max=cfg.delta)
         phi = torch.min(s_unclipped * adv, torch.clamp(s, lo, hi) * adv)
@@ -152,13 +165,19 @@ def token_terms(
         if cfg.delta is not None:
             zeroed = zeroed | ((adv < 0) & (s > cfg.delta))
         grad_scale = s.detach()
+    elif cfg.ratio in RATIO_GATED:  # gate="soft" (SAPO): sigmoid(tau (s - 1)) * 4 / tau * A
+        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(cdt)
+        gate = torch.sigmoid(tau * (s - 1.0))
+        phi = gate * 4.0 / tau * adv
+        grad_scale = (4.0 * gate * (1.0 - gate) * s).detach()
     elif cfg.ratio == "sg_logp":
         grad_scale = torch.clamp(s, lo, hi).detach()
         phi = grad_scale * adv * lp
-        zeroed = torch.zeros_like(valid)
+    elif cfg.ratio == "vespo":
+        grad_scale = vespo_weight(cfg, log_ratio_tok, adv, m, is_ratio, valid)
+        phi = grad_scale * adv * lp
     else:  # "logp"
         phi = adv * lp
-        zeroed = torch.zeros_like(valid)
         grad_scale = torch.ones((), dtype=cdt, device=logp.device)
 
     per_token_loss = -phi
@@ -180,9 +199,38 @@ def token_terms(
     return TokenTerms(loss, per_token_loss, adv, s.detach(), log_s.detach(), zeroed, grad_scale, kl, lengths)
 
 
-def token_loss(cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha) -> torch.Tensor:
+@torch.no_grad()
+def vespo_weight(
+    cfg: SurrogateConfig,
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    m: torch.Tensor,
+    is_ratio: torch.Tensor | None,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """VESPO's detached Gamma weight ``phi(w) = e^lambda w^k e^(-lambda w)`` (``phi(1) = 1``) of the
+    sequence ratio ``w = exp(sum_t log s_t [+ sum_t log is_ratio_t])``, in log space with TRL's
+    clamps (log w in [log 1e-8, 20]); ``(k, lambda)`` by the sign of the row's advantage."""
+    lower = math.log(1e-8)
+    log_w = (log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+    if is_ratio is not None:  # per token (B, T): summed over valid tokens; per sequence (B, 1): once
+        log_is = torch.log(is_ratio.to(log_ratio.dtype)).clamp(lower, LOG_RATIO_CLAMP)
+        if log_is.shape[-1] != 1:
+            log_is = torch.where(valid, log_is, torch.zeros((), dtype=log_is.dtype, device=log_is.device))
+        log_w = log_w + log_is.sum(-1, keepdim=True)
+    log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
+    nonneg = adv >= 0  # per token, as TRL (the same for a row with sequence advantages)
+    k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).to(log_w.dtype).clamp_min(1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def token_loss(
+    cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio=None, policy_mask=None
+) -> torch.Tensor:
     """``token_terms(...).loss`` alone (the per-chunk loss of the logits-free path)."""
-    return token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha).loss
+    return token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio, policy_mask).loss
 
 
 def _exp(x: torch.Tensor, bound: float) -> torch.Tensor:

@@ -48,6 +48,12 @@ class PackedLayout:
         out = x[self.index]
         return torch.where(self.valid, out, torch.full((), fill, dtype=x.dtype, device=x.device))
 
+    def pad_token_weights(self, x: torch.Tensor | None, name: str) -> torch.Tensor | None:
+        """Per-token packed ``(N,)`` weights padded to ``(B, T_max)``; per-sequence ``(B,)`` ones as they are."""
+        if x is None or x.dim() != 1 or x.shape[0] == self.B:
+            return x
+        return self.pad(x, name)
+
     @classmethod
     def for_inputs(cls, cu_seqlens: torch.Tensor, total: int, device, mask, advantages, **packed):
         """Validate packed ``(N,)`` inputs and build the layout; returns ``(layout, mask, advantages)``

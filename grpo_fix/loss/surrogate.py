@@ -19,10 +19,13 @@ are diagnostics of the optimisation (clip fractions, KL, the trust-region signal
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..kernels.checks import check_tensor
 from ..options import CompileMath, check_compile_math
 from ..signal import TrustRegionSignal
 from ..window import Window
@@ -81,11 +84,15 @@ def surrogate_loss(
     completion_ids: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     window: Window | None = None,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
     classes: PrefixClasses | None = None,
     compile_math: CompileMath = "auto",
     checks: Checks = "eager",
     extra_checks: ValueChecks | None = None,
-    **legacy_window,
+    **legacy_window: Any,
 ) -> SurrogateOutput:
     """Eq. 1 on ``(B, T)`` log-probs (the functional form of :class:`~grpo_fix.GroupSurrogateLoss`).
 
@@ -101,8 +108,16 @@ def surrogate_loss(
             and the W_agg metric.
         ref_logp: reference-policy log-probs, required when ``beta > 0``.
         window: the optimizer window (:class:`grpo_fix.Window`); default: this call alone.
+        is_ratio: ``(B, T)``, ``(B, 1)`` or ``(B,)`` importance ratio of the sampler (TRL's vLLM
+            correction ``pi_old / pi_sampler``, already truncated or masked), >= 0; it multiplies
+            the policy term (VESPO: enters the sequence weight).
+        policy_mask: ``(B, T)`` (or broadcastable) weights >= 0 on the policy term, e.g. TRL's
+            high-entropy token mask; the entropy bonus acts on the same tokens.
+        entropy: ``(B, T)`` per-token entropies with grad (from the logits), for the entropy
+            bonus ``- entropy_coef * mean H`` (averaged as ``cfg.entropy_weighting`` says).
+        entropy_coef: the bonus coefficient (a call argument: TRL adapts it every step).
         classes: the prefix classes of ``completion_ids`` when the caller already has them
-            (:func:`grpo_fix.prefix_classes`, computed at rollout time saves the host sync of
+            (:func:`grpo_fix.prefix_classes` at rollout time saves the host sync of
             ``torch.unique`` here).
         compile_math: ``"auto"``, ``"always"`` or ``"never"`` (:mod:`grpo_fix.loss.compiled`).
         checks: ``"eager"`` reads the value checks once the forward math is queued (one host
@@ -115,6 +130,9 @@ def surrogate_loss(
     """
     win = Window.resolve(window, legacy_window)
     check_call(cfg, logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp, checks)
+    is_ratio = as_token_weights("is_ratio", is_ratio, logp)
+    policy_mask = as_token_weights("policy_mask", policy_mask, logp)
+    check_entropy(entropy, entropy_coef, logp)
     if classes is not None and (group_size is None or tuple(classes.index.shape) != tuple(logp.shape)):
         raise ValueError(f"classes must come with group_size and match logp's shape {tuple(logp.shape)}")
     compiled = use_compiled(check_compile_math(compile_math), logp)
@@ -124,11 +142,36 @@ def surrogate_loss(
         classes = prefix_classes(completion_ids, group_size, valid)
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(cfg, valid, win)
-    found = value_checks(logp, old_logp, advantages, mask, ref_logp, win, alpha)
+    found = value_checks(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        win,
+        alpha,
+        weights={"is_ratio": is_ratio, "policy_mask": policy_mask},
+        entropy=entropy,
+    )
     if extra_checks is not None and extra_checks.flags is not None:
         found = found.extend(list(extra_checks.flags.unbind()), extra_checks.messages)
+    bonus = entropy_scale(cfg, entropy_coef, valid, policy_mask, win) if entropy is not None and entropy_coef else None
     loss, signal, metrics = run_math(
-        policy_math, cfg, compiled, logp, old_logp, adv, valid, ref_logp, alpha, classes, group_size
+        policy_math,
+        cfg,
+        compiled,
+        logp,
+        old_logp,
+        adv,
+        valid,
+        ref_logp,
+        alpha,
+        classes,
+        group_size,
+        is_ratio,
+        policy_mask,
+        entropy if bonus is not None else None,
+        bonus,
     )
     out = SurrogateOutput(loss=loss, signal=signal, metrics=metrics, checks=found)
     if checks == "eager":
@@ -136,11 +179,82 @@ def surrogate_loss(
     return out
 
 
-def policy_math(cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha, classes, group_size):
+def policy_math(
+    cfg: SurrogateConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    alpha: torch.Tensor,
+    classes: PrefixClasses | None,
+    group_size: int | None,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    bonus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TrustRegionSignal, dict[str, torch.Tensor]]:
     """The part of Eq. 1 that depends on the current log-probs: ``(loss, signal, metrics)`` from
     token advantages ``adv`` and weights ``alpha`` (what :func:`surrogate_loss` and the vocabulary
-    paths run, compiled or not; see :mod:`grpo_fix.loss.compiled`)."""
-    terms = token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha)
+    paths run, compiled or not; see :mod:`grpo_fix.loss.compiled`), minus the entropy bonus
+    ``bonus * sum_t H m`` when ``entropy`` is given (``bonus`` from :func:`entropy_scale`)."""
+    terms = token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio, policy_mask)
+    loss = terms.loss
+    if entropy is not None and bonus is not None:
+        m = valid.to(terms.per_token_loss.dtype)
+        if policy_mask is not None:
+            m = m * policy_mask.detach().to(m.dtype)
+        h = torch.where(valid, entropy.to(m.dtype), torch.zeros((), dtype=m.dtype, device=m.device))
+        loss = loss - (h * m).sum() * bonus.to(m.dtype)
     with torch.no_grad():
         signal, metrics = trust_region_diagnostics(cfg, valid, terms, alpha, classes, group_size)
-    return terms.loss, signal, metrics
+    return loss, signal, metrics
+
+
+def entropy_scale(
+    cfg: SurrogateConfig, coef: float, valid: torch.Tensor, policy_mask: torch.Tensor | None, window: Window
+) -> torch.Tensor:
+    """The factor of ``sum_t H m`` in the entropy bonus: ``coef`` over the window's tokens
+    (``"window"``: times ``dp_size``, like the policy term) or over this micro-batch's effective
+    tokens and the accumulation steps (``"micro_batch"``, TRL 1.16)."""
+    m = valid.to(torch.float64)
+    if cfg.entropy_weighting == "micro_batch":
+        if policy_mask is not None:
+            m = m * policy_mask.detach().to(m.dtype)
+        return coef / (m.sum().clamp_min(1.0) * window.micro_batches)
+    n = m.sum() if window.tokens is None else torch.as_tensor(window.tokens, dtype=m.dtype, device=m.device)
+    return coef * window.dp_size / n.clamp_min(1.0)
+
+
+def as_token_weights(name: str, t: torch.Tensor | None, logp: torch.Tensor) -> torch.Tensor | None:
+    """``is_ratio`` / ``policy_mask`` as a float tensor broadcastable to ``(B, T)`` (``(B,)`` becomes
+    ``(B, 1)``); ``ValueError`` naming the argument for any other shape."""
+    if t is None:
+        return None
+    check_tensor(name, t)
+    B, T = logp.shape
+    if t.dim() == 1 and t.shape[0] == B:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != B or t.shape[1] not in (1, T):
+        raise ValueError(f"{name} must be (B, T) = {(B, T)}, (B, 1) or (B,), got {tuple(t.shape)}")
+    if t.device != logp.device:
+        raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+    return t if t.dtype.is_floating_point else t.float()
+
+
+def check_entropy(entropy: torch.Tensor | None, coef: float, logp: torch.Tensor) -> None:
+    """The entropy bonus's inputs: a floating ``(B, T)`` ``entropy`` and a finite Python coefficient."""
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+        raise TypeError(f"entropy_coef must be a Python number, got {type(coef).__name__}")
+    if not math.isfinite(coef):
+        raise ValueError(f"entropy_coef must be finite, got {coef}")
+    if entropy is None:
+        if coef:
+            raise ValueError(f"entropy_coef={coef} needs entropy (per-token entropies with grad)")
+        return
+    check_tensor("entropy", entropy)
+    if tuple(entropy.shape) != tuple(logp.shape) or not entropy.dtype.is_floating_point:
+        raise ValueError(
+            f"entropy must be a floating (B, T) = {tuple(logp.shape)} tensor, got "
+            f"{entropy.dtype} {tuple(entropy.shape)}"
+        )

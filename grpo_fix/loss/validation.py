@@ -140,6 +140,8 @@ def value_checks(
     ref_logp: torch.Tensor | None,
     window: Window,
     alpha: torch.Tensor,
+    weights: dict[str, torch.Tensor | None] | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> ValueChecks:
     """The value checks of a loss call as device flags (no host sync; module docstring).
 
@@ -156,7 +158,7 @@ def value_checks(
     adv_valid = torch.where(valid, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
     weighted = (alpha * adv_valid.abs().to(torch.float64)).expand_as(logp)
     growth = math.exp(ratio_bound(logp.dtype))
-    checks: list[tuple[torch.Tensor, str]] = [
+    checks: list[torch.Tensor | None] = [
         ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else None,
         (~torch.isfinite(logp) & valid).any(),
         (~torch.isfinite(old_logp) & valid).any() if old_logp is not None else None,
@@ -188,5 +190,12 @@ def value_checks(
             f"Window.seqs / num_window_seqs is smaller than the {B} sequences of this call (or not "
             "finite); it must count the sequences of the whole optimizer window"
         )
+    for name, w in (weights or {}).items():
+        if w is not None:
+            checks.append(((~torch.isfinite(w) | (w < 0)) & valid).any())
+            messages.append(f"{name} has NaN/inf or negative values at valid (mask=1) positions")
+    if entropy is not None:
+        checks.append((~torch.isfinite(entropy) & valid).any())
+        messages.append("entropy has NaN/inf at valid (mask=1) positions")
     kept = [(f, m) for f, m in zip(checks, messages) if f is not None]
     return ValueChecks().extend([f for f, _ in kept], [m for _, m in kept])
