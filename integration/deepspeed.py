@@ -17,7 +17,7 @@ Usage::
         opt.observe(sig.all_reduce(opt_group), ...)       # or opt.observe(sig, all_reduce=True)
         engine.step()
 
-What the optimizer relies on (see ``shared/DESIGN.md`` section 2): under ZeRO-1/2 ``step()`` runs
+What the optimizer relies on: under ZeRO-1/2 ``step()`` runs
 once per param group on one flat fp32 partition, under ZeRO-3 once per sub-group with the other
 groups' ``params`` emptied, with bf16/fp16 and no ZeRO once more during ``deepspeed.initialize``
 (zero gradients).  ClipAwareAdamW is elementwise with per-group scalars latched at ``observe``,
@@ -36,57 +36,87 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["attach_deepspeed", "clip_aware_deepspeed_config"]
+__all__ = ["attach_deepspeed", "check_deepspeed_config", "clip_aware_deepspeed_config", "offload_device"]
+
+
+def offload_device(config: dict) -> str:
+    """The ``zero_optimization.offload_optimizer.device`` of a DeepSpeed config (``"none"`` if absent)."""
+    off = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = off.get("device", "none") if isinstance(off, dict) else "none"
+    return str(device or "none").lower()
+
+
+def check_deepspeed_config(config: dict, *, completed: bool = False) -> None:
+    """Refuse a DeepSpeed config under which ClipAwareAdamW would not be the optimizer that steps
+    (the one validator; every message names the fix):
+
+    - an ``"optimizer"`` block: DeepSpeed, transformers and accelerate build their own optimizer
+      and ours is silently dropped;
+    - a partial offload (``offload_optimizer.ratio < 1``): only DeepSpeedCPUAdam supports it;
+    - with ``completed=True`` (a config the caller cannot complete, e.g. one transformers reads),
+      an offload without ``"zero_force_ds_cpu_optimizer": false``: accelerate swaps in
+      DeepSpeedCPUAdam, keeping only lr and weight decay.  :func:`clip_aware_deepspeed_config`
+      completes a config instead.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict (a parsed DeepSpeed JSON config), got {type(config).__name__}")
+    if "optimizer" in config:
+        block = config["optimizer"]
+        kind = block.get("type", "?") if isinstance(block, dict) else block
+        raise ValueError(
+            f'the DeepSpeed config has an "optimizer" block ({kind!r}): DeepSpeed, transformers and accelerate '
+            "would build that optimizer and silently drop ClipAwareAdamW. Remove the 'optimizer' block (remove it "
+            "and pass the optimizer instance: deepspeed.initialize(optimizer=ClipAwareAdamW(...)); GRPOFixTrainer "
+            'builds it itself); a "scheduler" block may stay'
+        )
+    device = offload_device(config)
+    if device == "none":
+        return
+    off = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    ratio = float(off.get("ratio", 1.0))
+    if ratio < 1.0:
+        raise ValueError(
+            f"zero_optimization.offload_optimizer.ratio={ratio} (partial offload) only works with "
+            "DeepSpeedCPUAdam (DeepSpeed asserts the optimizer type); set ratio to 1.0 (full offload) "
+            "or remove offload_optimizer"
+        )
+    if completed and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(
+            f'zero_optimization.offload_optimizer.device={device!r} without "zero_force_ds_cpu_optimizer": false: '
+            "accelerate would replace ClipAwareAdamW with DeepSpeedCPUAdam (keeping only lr and weight_decay). "
+            'Add "zero_force_ds_cpu_optimizer": false to the DeepSpeed config (clip_aware_deepspeed_config does '
+            "it), or set offload_optimizer.device to 'none'"
+        )
 
 
 def clip_aware_deepspeed_config(config: dict, *, offload: bool | None = None) -> dict:
     """Return a copy of a DeepSpeed config completed for a client :class:`ClipAwareAdamW`.
 
+    - refuses what :func:`check_deepspeed_config` refuses;
     - sets ``zero_allow_untested_optimizer: true`` (a subclass of AdamW fails DeepSpeed's exact
       type check under every ZeRO stage);
-    - with optimizer offload (``zero_optimization.offload_optimizer.device`` not ``"none"``) sets
-      ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed raises, and accelerate silently
-      replaces the optimizer with ``DeepSpeedCPUAdam``);
+    - with optimizer offload sets ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed
+      raises, and accelerate silently replaces the optimizer with ``DeepSpeedCPUAdam``);
     - ``offload=True`` adds ``offload_optimizer: {"device": "cpu"}`` (needs ZeRO stage >= 1),
       ``offload=False`` refuses a config that offloads, ``None`` keeps what the config says.
-
-    Raises ``ValueError`` (naming the fix) when the config has an ``"optimizer"`` block (DeepSpeed,
-    transformers and accelerate would then build their own optimizer instead of ours) or a
-    partial offload (``offload_optimizer.ratio < 1`` requires DeepSpeedCPUAdam).
     """
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict (a parsed DeepSpeed JSON config), got {type(config).__name__}")
+    check_deepspeed_config(config)
     cfg = copy.deepcopy(config)
-    if "optimizer" in cfg:
-        raise ValueError(
-            'the DeepSpeed config has an "optimizer" block: remove it and pass the optimizer instance, '
-            'deepspeed.initialize(optimizer=ClipAwareAdamW(...)) (with an "optimizer" block DeepSpeed/'
-            "transformers build their own optimizer and ours is silently ignored, accelerate raises); "
-            'a "scheduler" block may stay'
-        )
     zero = cfg.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0) or 0)
-    off = zero.get("offload_optimizer") or {}
-    device = str(off.get("device", "none") or "none").lower()
-    offloading = device != "none"
-    if offload is True and not offloading:
+    device = offload_device(cfg)
+    if offload is True and device == "none":
         if stage < 1:
             raise ValueError("offload=True needs ZeRO stage >= 1: set zero_optimization.stage to 1, 2 or 3")
+        off = zero.get("offload_optimizer") or {}
         cfg.setdefault("zero_optimization", {})["offload_optimizer"] = {**off, "device": "cpu"}
-        off, offloading = cfg["zero_optimization"]["offload_optimizer"], True
-    elif offload is False and offloading:
+        device = "cpu"
+    elif offload is False and device != "none":
         raise ValueError(
             f'offload=False but zero_optimization.offload_optimizer.device is {device!r}: set it to "none" '
             "or call with offload=None/True"
         )
-    if offloading:
-        ratio = float(off.get("ratio", 1.0))
-        if ratio < 1.0:
-            raise ValueError(
-                f"zero_optimization.offload_optimizer.ratio={ratio} (partial offload) only works with "
-                "DeepSpeedCPUAdam (DeepSpeed asserts the optimizer type); set ratio to 1.0 (full offload) "
-                "or remove offload_optimizer"
-            )
+    if device != "none":
         cfg["zero_force_ds_cpu_optimizer"] = False
     cfg["zero_allow_untested_optimizer"] = True
     return cfg

@@ -73,6 +73,7 @@ from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, uns
 
 from grpo_fix import PRESETS, GroupSurrogateLoss, SurrogateConfig, TrustRegionSignal, prefix_consistent_advantages
 from grpo_fix.loss.config import GROUP_CONSTANT_WEIGHTINGS
+from grpo_fix.integration.deepspeed import check_deepspeed_config
 from grpo_fix.options import COMPILE_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ __all__ = [
     "OPTIMIZERS",
     "WINDOW_TOKENS_KEY",
     "surrogate_config_from_args",
-    "validate_deepspeed_config",
 ]
 
 #: ``loss_type`` values accepted by :class:`GRPOFixConfig`, mapped to :data:`grpo_fix.PRESETS`.
@@ -125,35 +125,6 @@ def _load_ds_config(ds: Any) -> dict | None:
             return None
     cfg = getattr(ds, "config", None)  # HfDeepSpeedConfig
     return cfg if isinstance(cfg, dict) else None
-
-
-def validate_deepspeed_config(cfg: dict | None, optimizer: str = "clip_aware_adamw") -> None:
-    """Refuse DeepSpeed configs that would silently replace ClipAwareAdamW (messages name the fix).
-
-    - an ``"optimizer"`` block: transformers then builds DeepSpeed's optimizer (``DummyOptim``) and
-      ignores ``create_optimizer``;
-    - ``offload_optimizer`` to a device without ``"zero_force_ds_cpu_optimizer": false``:
-      accelerate swaps the optimizer for ``DeepSpeedCPUAdam``, keeping only lr and weight decay.
-    """
-    if not cfg or optimizer != "clip_aware_adamw":
-        return
-    if "optimizer" in cfg:
-        raise ValueError(
-            "optimizer='clip_aware_adamw' but the DeepSpeed config has an 'optimizer' block "
-            f"({cfg['optimizer'].get('type', '?') if isinstance(cfg['optimizer'], dict) else cfg['optimizer']!r}): "
-            "transformers would build DeepSpeed's optimizer and silently drop ClipAwareAdamW. Remove the "
-            "'optimizer' block from the DeepSpeed config (a 'scheduler' block may stay), or set optimizer='adamw'."
-        )
-    zero = cfg.get("zero_optimization") or {}
-    off = zero.get("offload_optimizer") or {}
-    device = off.get("device", "none") if isinstance(off, dict) else "none"
-    if device not in (None, "none") and cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
-        raise ValueError(
-            f"optimizer='clip_aware_adamw' with zero_optimization.offload_optimizer.device={device!r}: accelerate "
-            "would replace ClipAwareAdamW with DeepSpeedCPUAdam (keeping only lr and weight_decay). Add "
-            '"zero_force_ds_cpu_optimizer": false to the DeepSpeed config (grpo_fix.integration.deepspeed.'
-            "clip_aware_deepspeed_config does it), or set offload_optimizer.device='none'."
-        )
 
 
 @dataclass
@@ -262,7 +233,8 @@ class GRPOFixConfig(GRPOConfig):
                 )
                 self.prefix_consistent = False
         ds_cfg = _load_ds_config(self.deepspeed)
-        validate_deepspeed_config(ds_cfg, self.optimizer)
+        if ds_cfg and self.optimizer == "clip_aware_adamw":
+            check_deepspeed_config(ds_cfg, completed=True)
         if ds_cfg and self.optimizer == "clip_aware_adamw" and self.clip_aware_backtrack:
             stage = int((ds_cfg.get("zero_optimization") or {}).get("stage", 0) or 0)
             if stage > 0:
