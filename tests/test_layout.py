@@ -18,7 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: source folder -> package name (pyproject's package-dir)
-ROOMS = {ROOT / "grpo_fix": "grpo_fix", ROOT / "kernels": "grpo_fix.kernels", ROOT / "integration": "grpo_fix.integration"}
+ROOMS = {
+    ROOT / "grpo_fix": "grpo_fix",
+    ROOT / "kernels": "grpo_fix.kernels",
+    ROOT / "integration": "grpo_fix.integration",
+}
 LEAVES = {"grpo_fix.options", "grpo_fix.window", "grpo_fix.signal"}
 
 #: module prefix -> the grpo_fix modules (prefixes) it may import
@@ -31,8 +35,15 @@ ALLOWED = {
     "grpo_fix.optim": {"grpo_fix.optim", "grpo_fix.kernels"} | LEAVES,
     "grpo_fix.health": LEAVES,
     "grpo_fix.lab": {"grpo_fix", "grpo_fix.lab", "grpo_fix.integration"},
-    "grpo_fix.integration": {"grpo_fix", "grpo_fix.integration", "grpo_fix.loss", "grpo_fix.optim",
-                             "grpo_fix.kernels", "grpo_fix.health"} | LEAVES,
+    "grpo_fix.integration": {
+        "grpo_fix",
+        "grpo_fix.integration",
+        "grpo_fix.loss",
+        "grpo_fix.optim",
+        "grpo_fix.kernels",
+        "grpo_fix.health",
+    }
+    | LEAVES,
     "grpo_fix.cli": {"grpo_fix.lab"},
 }
 
@@ -108,7 +119,7 @@ def test_no_import_cycle_including_lazy_imports():
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]) if dep in path else f"{node} -> {dep}")
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]) if dep in path else f"{node} -> {dep}")
             elif dep not in state:
                 visit(dep, path + [dep])
         state[node] = 2
@@ -120,8 +131,9 @@ def test_no_import_cycle_including_lazy_imports():
 
 
 def test_no_library_file_over_450_lines():
-    long = {str(p.relative_to(ROOT)): n for p in library_modules().values()
-            if (n := len(p.read_text().splitlines())) > 450}
+    long = {
+        str(p.relative_to(ROOT)): n for p in library_modules().values() if (n := len(p.read_text().splitlines())) > 450
+    }
     assert not long, f"files over 450 lines: {long}"
 
 
@@ -138,8 +150,6 @@ def test_trl_compute_loss_is_short():
 def test_every_library_module_imports():
     optional = ("grpo_fix.integration.trl", "grpo_fix.integration.deepspeed", "grpo_fix.lab")
     names = sorted(n for n in library_modules() if not n.startswith(optional))
-    code = "import importlib, sys\n" + "".join(
-        f"importlib.import_module({n!r})\n" for n in names
-    ) + "print('ok')\n"
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({n!r})\n" for n in names) + "print('ok')\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
