@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_linear, check_logits, raise_if_ids_out_of_range
+
 #: fp32 elements per chunk of rows (4 MiB).
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -31,7 +33,7 @@ class _SelectiveLogProbReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ids, mask, temperature):  # type: ignore[override]
         pos = _valid_positions(ids, mask)  # logits[pos] gathers rows without copying the rest
-        tgt = ids[pos].long()
+        tgt = ids[pos].long().clamp(0, logits.shape[-1] - 1)  # out of range: the caller's check raises
         cdt = torch.promote_types(logits.dtype, torch.float32)
         logp = torch.zeros(ids.shape, dtype=cdt, device=logits.device)
         lse = torch.empty(tgt.numel(), dtype=cdt, device=logits.device)
@@ -68,15 +70,25 @@ class _SelectiveLogProbReference(torch.autograd.Function):
 
 
 def selective_logprob_reference(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    check_ids_range: bool = True,
 ) -> torch.Tensor:
     """Differentiable ``log_softmax(logits / temperature).gather(-1, ids)`` in fp32 (fp64 for fp64
     logits), 0 where masked.
 
     ``logits`` ``(B, T, V)`` / ``(B, T + 1, V)`` (the last position is ignored) or packed
     ``(N, V)``, any float dtype; ``ids`` / ``mask`` ``(B, T)`` or ``(N,)``; masked ids may hold
-    anything.  Inputs are assumed checked (:mod:`grpo_fix.kernels.checks`).
+    anything.  ``check_ids_range``: raise ``ValueError`` for ids outside ``[0, V)`` at valid
+    positions (one host sync); a loss that reads :func:`~grpo_fix.kernels.checks.ids_out_of_range`
+    with its own checks passes False (such ids are then clamped for the gather).
     """
+    check_logits(logits, ids, mask)
+    if check_ids_range:
+        raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
     safe = (
         ids
         if mask is None
@@ -93,12 +105,26 @@ def linear_logprob_reference(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    check_ids_range: bool = True,
 ) -> torch.Tensor:
-    """:func:`selective_logprob_reference` of ``hidden @ weight.T + bias`` (materialises the logits)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    if ids.dim() == 2 and logits.dim() == 2:
-        logits = logits.view(*ids.shape, -1)
-    return selective_logprob_reference(logits, ids, mask, temperature)
+    """:func:`selective_logprob_reference` of ``hidden @ weight.T + bias``, materialising the
+    logits of the valid tokens only (masked hidden states never enter a GEMM, so NaN/inf there
+    cannot reach the weight's gradient).  ``hidden`` ``(B, T, H)`` / ``(B * T, H)`` with ``(B, T)``
+    ids, or ``(N, H)`` with ``(N,)`` ids."""
+    check_linear(hidden, weight, bias, ids)
+    if check_ids_range:
+        raise_if_ids_out_of_range(ids, mask, weight.shape[0])
+    pos = _valid_positions(ids, mask)
+    rows = (
+        hidden[pos]
+        if hidden.dim() == ids.dim() + 1
+        else hidden.reshape(-1, hidden.shape[-1])[
+            mask.reshape(-1).to(torch.bool).nonzero().squeeze(1) if mask is not None else slice(None)
+        ]
+    )
+    logits = torch.nn.functional.linear(rows, weight, bias)
+    lp = selective_logprob_reference(logits, ids[pos], None, temperature, check_ids_range=False)
+    return torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device).index_put(pos, lp)
 
 
 @torch.no_grad()

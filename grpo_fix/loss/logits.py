@@ -29,7 +29,7 @@ def vocab_logprob(
     """Differentiable selected log-probs on the chosen backend (inputs already checked)."""
     if triton:
         return selective_logprob(logits, ids, mask, temperature, inplace, check_ids_range=False)
-    return selective_logprob_reference(logits, ids, mask, temperature)
+    return selective_logprob_reference(logits, ids, mask, temperature, check_ids_range=False)
 
 
 def classes_before_launch(
