@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -79,7 +79,10 @@ class HealthMonitor:
         self.events: list[dict[str, Any]] = []
         self.calls = 0
         self.syncs = 0  # host reads of the flags (one per device per flush with something pending)
-        self._pending: list[tuple[Any, Any, list[str], dict[torch.device, list[torch.Tensor]], list[str]]] = []
+        # (step, micro_batch, host-side bad labels, flags per device, their labels per device)
+        self._pending: list[
+            tuple[Any, Any, list[str], dict[torch.device, torch.Tensor], dict[torch.device, list[str]]]
+        ] = []
 
     # ------------------------------------------------------------------------------------------
     def check(
@@ -209,15 +212,21 @@ def _named_grads(parameters: Any, grads: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover - transformers is optional
-        return object
-    return TrainerCallback
+if TYPE_CHECKING:
+    from transformers import TrainerCallback as _CallbackBase
+else:
+
+    def _callback_base() -> type:
+        try:
+            from transformers import TrainerCallback
+        except ImportError:  # pragma: no cover - transformers is optional
+            return object
+        return TrainerCallback
+
+    _CallbackBase = _callback_base()
 
 
-class HealthMonitorCallback(_callback_base()):
+class HealthMonitorCallback(_CallbackBase):
     """A ``transformers.TrainerCallback`` feeding a :class:`HealthMonitor` (module docstring).
 
     Steps are reported 1-based, as transformers logs them (the optimizer step being taken);
@@ -230,29 +239,29 @@ class HealthMonitorCallback(_callback_base()):
         self.check_micro_batches = bool(check_micro_batches)
         self._micro = 0
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._micro = 0
         return control
 
-    def on_substep_end(self, args, state, control, model=None, **kwargs):
+    def on_substep_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if self.check_micro_batches and model is not None:
             self.monitor.check(state.global_step + 1, self._micro, parameters=model)
         self._micro += 1
         return control
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if model is not None:
             self.monitor.check(state.global_step + 1, self._micro, parameters=model)
         self._micro = 0
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
         for key in ("loss", "grad_norm"):
             v = (logs or {}).get(key)
             if isinstance(v, (int, float)) and not math.isfinite(float(v)):
                 self.monitor.check(state.global_step, None, loss=float(v), loss_name=f"logged {key}")
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.monitor.flush()
         return control

@@ -137,7 +137,7 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
 
     if not isinstance(optimizer, ClipAwareAdamW):
         raise TypeError(f"attach_deepspeed expects a ClipAwareAdamW, got {type(optimizer).__name__}")
-    basic = getattr(engine, "basic_optimizer", None)
+    basic: object = getattr(engine, "basic_optimizer", None)
     if basic is not optimizer:
         raise RuntimeError(
             f"the DeepSpeed engine does not step this ClipAwareAdamW (engine.basic_optimizer is "
@@ -201,7 +201,7 @@ def _repair_zero3_universal_loads(zero3: Any, optimizer: Any) -> None:
 
     original = getattr(zero3, _ZERO3_UNIVERSAL_LOADER)
 
-    def load(checkpoint_dir, *args, **kwargs):
+    def load(checkpoint_dir: str, *args: Any, **kwargs: Any) -> Any:
         out = original(checkpoint_dir, *args, **kwargs)
         for flat in zero3.fp32_partitioned_groups_flat:
             state = optimizer.state.get(flat, {})

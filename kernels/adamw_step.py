@@ -26,6 +26,7 @@ bf16 arithmetic is wrong, which is why every loaded value is cast to fp32 first)
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -35,12 +36,13 @@ BLOCK = 1024
 
 
 @functools.cache
-def _kernel():
+def _kernel() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
+    # Triton types the kernel's arguments (pointers, scalars, constexprs)
     @triton.jit
-    def _clip_aware_adamw_kernel(
+    def _clip_aware_adamw_kernel(  # type: ignore[no-untyped-def]
         p_ptr,
         g_ptr,
         m_ptr,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from grpo_fix import ClipAwareAdamW, GroupSurrogateLoss
+from grpo_fix.kernels.reference import adamw_step_reference
 from grpo_fix.signal import TrustRegionSignal
 
 
@@ -494,7 +495,7 @@ def test_backtrack_with_surrogate_loss_signal():
     }.items():
         w = torch.nn.Parameter(logits0.clone())
         opt = ClipAwareAdamW([w], lr=0.3, weight_decay=0.0, **kw)
-        opt.set_backtrack_fn(lambda: loss_fn(logp_of(w), old, adv, mask, group_size=G).signal)
+        opt.set_backtrack_fn(lambda w=w: loss_fn(logp_of(w), old, adv, mask, group_size=G).signal)
         worst = 0.0
         for step in range(8):
             out = loss_fn(logp_of(w), old, adv, mask, group_size=G)
@@ -796,12 +797,10 @@ def _triton_ok():
 needs_triton = pytest.mark.skipif(not _triton_ok(), reason="triton not installed")
 
 
-def reference_step(p, g, m, v, t, lr, alpha, b1, b2, eps, wd, m_scale):
-    p, g, m, v = (x.double() for x in (p, g, m, v))
-    p = p * (1 - lr * wd)
-    m = b1 * m_scale * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    p = p - lr * alpha / (1 - b1**t) * m / (v.sqrt() / math.sqrt(1 - b2**t) + eps)
+def oracle_step(p, g, m, v, t, m_scale, **kw):
+    """The torch reference in float64: (p, m, v) after one step from copies of the inputs."""
+    p, g, m, v = (x.detach().double().cpu().clone() for x in (p, g, m, v))
+    adamw_step_reference(p, g, m, v, t, m_scale=m_scale, **kw)
     return p, m, v
 
 
@@ -822,12 +821,7 @@ def test_triton_kernel_matches_reference(pdtype):
     steps = [torch.tensor(float(s)) for s in (0, 4, 9)]
     scales = [1.0, 0.5, 0.0]
     kw = dict(lr=1e-2, alpha=0.25, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    refs = [
-        reference_step(
-            p, g, m, v, float(s) + 1, kw["lr"], kw["alpha"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], sc
-        )
-        for p, g, m, v, s, sc in zip(ps, gs, ms, vs, steps, scales)
-    ]
+    refs = [oracle_step(p, g, m, v, int(s) + 1, sc, **kw) for p, g, m, v, s, sc in zip(ps, gs, ms, vs, steps, scales)]
     adamw_step_(ps, gs, ms, vs, steps, m_scales=scales, **kw)
     assert [float(s) for s in steps] == [1.0, 5.0, 10.0]
     for p, m, v, (rp, rm, rv) in zip(ps, ms, vs, refs):

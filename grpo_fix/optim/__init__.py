@@ -4,5 +4,6 @@ update), as torch's ``AdamW`` / ``adamw()``; and :func:`adam_eps_report` (paper 
 
 from .clip_aware_adamw import ClipAwareAdamW
 from .diagnostics import AdamEpsReport, adam_eps_report
+from .functional import clip_aware_adamw
 
-__all__ = ["AdamEpsReport", "ClipAwareAdamW", "adam_eps_report"]
+__all__ = ["AdamEpsReport", "ClipAwareAdamW", "adam_eps_report", "clip_aware_adamw"]
