@@ -151,12 +151,14 @@ def adamw_step_reference(
         v <- beta2 * v + (1 - beta2) * g^2
         p <- p - lr * alpha / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
 
-    in fp32 whatever the storage dtype; with ``m_scale == alpha == 1`` this is torch's AdamW.
+    in fp32 whatever the storage dtype (fp64 for fp64 tensors, which makes it an oracle for the
+    others); with ``m_scale == alpha == 1`` this is torch's AdamW.
     """
-    g = grad.float()
+    cdt = torch.promote_types(param.dtype, torch.float32)
+    g = grad.to(cdt)
     if maximize:
         g = -g
-    p, m, v = param.float(), exp_avg.float(), exp_avg_sq.float()
+    p, m, v = param.to(cdt), exp_avg.to(cdt), exp_avg_sq.to(cdt)
     p.mul_(1.0 - lr * weight_decay)
     m.mul_(beta1 * m_scale).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
