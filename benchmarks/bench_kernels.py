@@ -1,30 +1,39 @@
-"""GPU benchmark of grpo_fix.kernels against TRL-style eager / compiled losses, Liger-Kernel and TRL's chunked head.
+"""GPU benchmark of the vocabulary paths vs TRL-style eager / compiled losses, Liger-Kernel and TRL's chunked head.
 
 Usage (on a CUDA machine)::
 
-    python benchmarks/bench_kernels.py                 # both sections, writes benchmarks/results/
+    python benchmarks/bench_kernels.py                 # every section, writes benchmarks/results/
     python benchmarks/bench_kernels.py --only logits   # or --only sweep / --only linear
     python benchmarks/bench_kernels.py --smoke-cpu     # tiny shapes on CPU (Triton interpreter), no results
 
-Every entry runs forward + backward (gradients w.r.t. the logits, or hidden and lm_head weight)
-and is measured the same way: median of ``--iters`` CUDA-event timings after ``--warmup`` runs,
-and peak extra memory = ``max_memory_allocated`` during the timed runs minus the memory allocated
-before them (inputs resident; gradients and every temporary included; gradients are freed at the
-end of each run).  Loss: DAPO-style token-level PPO clip (eps 0.2 / 0.28), token-mean over the
-20 % masked batch, beta = 0 — the same math in every entry.
+``benchmarks/gpu_check.py`` runs the same sections (at the goal shapes only) inside its one
+time-budgeted GPU call.  Every entry runs forward + backward (gradients w.r.t. the logits, or
+hidden and lm_head weight) and is measured the same way: median of ``--iters`` CUDA-event
+timings after ``--warmup`` runs, and peak extra memory = ``max_memory_allocated`` during the timed
+runs minus the memory allocated before them (inputs resident; gradients and every temporary
+included; gradients are freed at the end of each run).  Loss: DAPO-style token-level PPO clip
+(eps 0.2 / 0.28), token mean over the 20 % masked batch, the same math in every entry; every
+entry's loss is checked against an fp32 reference of that math (status ``LOSS MISMATCH`` above
+2e-2 relative).
 
-Sections (issue 5):
+Sections:
 
-- logits path, bf16 logits ``(B, T + 1, V)``: (8, 1024, 32000), (8, 2048, 151936), (8, 4096, 151936):
-  a logits copy (one read + one write, bandwidth reference), TRL-style eager loss
-  (``log_softmax(logits.float() / T).gather``), ``torch.compile`` of it, Liger 0.8.5
-  ``triton_grpo_loss`` (when importable), ours (``logits_surrogate_loss``, in-place backward;
-  as shipped, i.e. the per-token math compiled on CUDA, and with ``compile_math=False``).
+- logits path, bf16 logits ``(B, T + 1, V)``: (8, 1024, 32000), (8, 2048, 151936), (8, 4096, 151936),
+  under four conditions (:data:`LOGITS_CONDITIONS`): old log-probs far from the policy (about half
+  the tokens clipped), near on-policy (nothing clipped), near on-policy with 3 of 8 rows at zero
+  advantage, and the anchor configuration (Liger's wrapper defaults: beta 0.04 with reference
+  log-probs, temperature 0.9).  Entries: a logits copy (one read + one write, the bandwidth
+  reference), TRL-style eager (``log_softmax(logits.float() / T).gather``), ``torch.compile`` of it,
+  Liger 0.8.5 ``triton_grpo_loss`` (when importable), ours (``grpo_fix.logits_surrogate_loss``,
+  Triton backend, in-place backward; the per-token math compiled as shipped, and eager).
+- launch sweep of our log-prob kernels alone over (BLOCK_V, num_warps, num_stages), Liger 0.8.5's
+  own launch configurations of its GRPO kernels included (:data:`LIGER_CONFIGS`).
 - logits-free path, 16k tokens (B = 8, T = 2048), H = 4096 and 2048, V = 151936, bf16: the three
   lm_head GEMMs alone (the floor; also on the valid tokens only), materialised logits + ours,
   materialised logits + Liger ``triton_grpo_loss``, Liger ``LigerFusedLinearGRPOLoss``, TRL 1.16
-  ``ChunkedLogProbFunction`` + TRL's loss, ours (``linear_surrogate_loss``, chunks of 4096 and
-  8192 tokens, and 4096 with ``compile_math=False``).
+  ``ChunkedLogProbFunction`` + TRL's loss, ours (``grpo_fix.linear_surrogate_loss``, chunks of 4096
+  and 8192 tokens, and 4096 with eager math), and ours with 3 of 8 rows at zero advantage (their
+  GEMMs are skipped).
 
 Without CUDA (and without ``--smoke-cpu``) it prints a message and exits 0 without writing results.
 """
@@ -38,6 +47,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if "--smoke-cpu" in sys.argv:  # must precede any triton import
@@ -53,26 +63,92 @@ MASKED_FRACTION = 0.2
 
 LOGITS_SHAPES = [(8, 1024, 32000), (8, 2048, 151936), (8, 4096, 151936)]
 LINEAR_SHAPES = [(8, 2048, 4096, 151936), (8, 2048, 2048, 151936)]  # (B, T, H, V): 16k tokens
-SMOKE_LOGITS_SHAPES = [(2, 8, 512)]
-SMOKE_LINEAR_SHAPES = [(2, 8, 32, 512)]
+SMOKE_LOGITS_SHAPES = [(8, 4, 512)]
+SMOKE_LINEAR_SHAPES = [(8, 4, 32, 512)]
+ZERO_ADV_ROWS = 3  # of 8: rows whose advantage is 0 (all rewards of their group equal)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How the inputs of a logits-path entry are drawn: ``old`` = ``"far"`` (old log-probs drawn
+    far from the policy: about half the tokens clipped) or ``"near"`` (the policy's own log-probs
+    plus 0.01 noise: nothing clipped); the first ``zero_adv_rows`` rows get advantage 0; ``beta``
+    > 0 adds TRL's k3 KL against reference log-probs near the policy (without the ratio factor,
+    Liger's ``use_bias_correction_kl=False``); ``temperature`` divides the logits."""
+
+    name: str
+    old: str = "near"
+    zero_adv_rows: int = 0
+    beta: float = 0.0
+    temperature: float = 1.0
+
+
+LOGITS_CONDITIONS = (
+    Condition("old far: about half clipped", old="far"),
+    Condition("near on-policy"),
+    Condition(f"near on-policy, {ZERO_ADV_ROWS} of 8 rows zero advantage", zero_adv_rows=ZERO_ADV_ROWS),
+    Condition("anchor: beta 0.04, temperature 0.9", beta=0.04, temperature=0.9),
+)
 
 
 # ----------------------------------------------------------------------------- reference loss (TRL style)
 
 
-def dapo_loss_from_logp(logp, old_logp, advantages, mask):
-    """TRL 1.16 ``loss_type="dapo"``-style token PPO clip, beta = 0, token mean over the batch."""
+def dapo_loss_from_logp(logp, old_logp, advantages, mask, beta=0.0, ref_logp=None):
+    """TRL 1.16 ``loss_type="dapo"`` token PPO clip, token mean over the batch, plus ``beta`` times
+    TRL's k3 KL (``use_bias_correction_kl=False``)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH) * adv)
+    if beta:
+        d = ref_logp - logp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
-def trl_eager_loss(logits, ids, old_logp, advantages, mask):
+def trl_eager_loss(logits, ids, old_logp, advantages, mask, temperature=1.0, beta=0.0, ref_logp=None):
     """Materialised fp32 log_softmax + gather (TRL <= 1.x eager path), then the loss."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
-    return dapo_loss_from_logp(logp, old_logp, advantages, mask)
+    z = logits[:, :-1].float()
+    if temperature != 1.0:
+        z = z / temperature
+    logp = torch.log_softmax(z, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    return dapo_loss_from_logp(logp, old_logp, advantages, mask, beta, ref_logp)
+
+
+@torch.no_grad()
+def reference_logp(logits_rows, ids, temperature=1.0):
+    """fp32 ``log_softmax(logits / T)[ids]`` from ``logits_rows(b)`` (the ``(T, V)`` logits of row b),
+    one row at a time so that the largest shapes fit."""
+    rows = []
+    for b in range(ids.shape[0]):
+        z = logits_rows(b).float()
+        if temperature != 1.0:
+            z = z / temperature
+        rows.append(torch.log_softmax(z, -1).gather(-1, ids[b, :, None])[:, 0])
+    return torch.stack(rows)
+
+
+def reference_loss(logits_rows, ids, old, adv, mask, temperature=1.0, beta=0.0, ref=None):
+    """The benchmark loss in fp32 (:func:`reference_logp`): the value every entry is checked against."""
+    return float(dapo_loss_from_logp(reference_logp(logits_rows, ids, temperature), old, adv, mask, beta, ref))
+
+
+def check_losses(rows, section, shape, ref, rtol=2e-2, condition=None):
+    """Flag entries of (section, shape, condition) whose loss differs from the fp32 reference (bf16
+    inputs: a few 1e-3 relative is rounding; a wrong argument order is far off)."""
+    for r in rows:
+        if (
+            r["section"] == section
+            and r["shape"] == shape
+            and r.get("condition") == condition
+            and r["loss"] is not None
+            and r["status"] == "ok"
+            and "loss_rel_err" not in r
+        ):
+            r["loss_rel_err"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
+            if r["loss_rel_err"] > rtol:
+                r["status"] = f"LOSS MISMATCH: {r['loss']:.6g} vs fp32 reference {ref:.6g}"
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -116,29 +192,60 @@ def measure(fn, device, iters, warmup, setup=None):
     return statistics.median(times), peak, None if loss is None else float(loss)
 
 
-def run_entry(rows, section, shape, name, make_fn, device, iters, warmup, note="", setup=None):
-    """Build and measure one entry; OOM / missing packages become a row with a status."""
-    row = dict(
-        section=section, shape=shape, entry=name, median_ms=None, peak_extra_gib=None, loss=None, status="ok", note=note
-    )
-    try:
-        fn = make_fn()
-        if fn is None:
-            row["status"] = "unavailable (not importable, or disabled)"
-        else:
-            row["median_ms"], row["peak_extra_gib"], row["loss"] = measure(fn, device, iters, warmup, setup)
-    except torch.OutOfMemoryError:
-        row["status"] = "OOM"
-    except Exception as e:  # keep the other entries running; record why this one did not
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    finally:
+@dataclass
+class Runner:
+    """Measures entries into ``rows`` with one protocol; past ``deadline`` (``time.monotonic()``)
+    entries are recorded as skipped instead of run."""
+
+    rows: list
+    device: torch.device
+    iters: int
+    warmup: int
+    deadline: float | None = None
+
+    def entry(self, section, shape, name, make_fn, *, condition=None, note="", setup=None, iters=None, warmup=None):
+        """Build and measure one entry; OOM / missing packages / errors become a row with a status."""
+        row = dict(
+            section=section,
+            shape=shape,
+            condition=condition,
+            entry=name,
+            median_ms=None,
+            peak_extra_gib=None,
+            loss=None,
+            status="ok",
+            note=note,
+        )
         fn = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rows.append(row)
-    ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
-    mem = "-" if row["peak_extra_gib"] is None else f"{row['peak_extra_gib']:.2f} GiB"
-    print(f"  {name:<44s} {ms:>12s} {mem:>12s}  {row['status']}", flush=True)
+        try:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                row["status"] = "skipped: time budget spent"
+            else:
+                fn = make_fn()
+                if fn is None:
+                    row["status"] = "unavailable (not importable, or disabled)"
+                else:
+                    row["median_ms"], row["peak_extra_gib"], row["loss"] = measure(
+                        fn,
+                        self.device,
+                        self.iters if iters is None else iters,
+                        self.warmup if warmup is None else warmup,
+                        setup,
+                    )
+        except torch.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as e:  # keep the other entries running; record why this one did not
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        finally:
+            fn = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.rows.append(row)
+        ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
+        mem = "-" if row["peak_extra_gib"] is None else f"{row['peak_extra_gib']:.2f} GiB"
+        label = name if condition is None else f"{name} [{condition}]"
+        print(f"  {label:<78s} {ms:>12s} {mem:>12s}  {row['status']}", flush=True)
+        return row
 
 
 def _mask(B, T, device, gen):
@@ -160,219 +267,241 @@ def train_step(loss_fn, *leaves):
     return fn
 
 
-@torch.no_grad()
-def reference_loss(logits_rows, ids, old, adv, mask):
-    """The DAPO loss in fp32 from ``logits_rows(b)`` (the ``(T, V)`` logits of row b), one row at a
-    time so that the largest shapes fit: the value every entry is checked against."""
-    logp = torch.stack(
-        [torch.log_softmax(logits_rows(b).float(), -1).gather(-1, ids[b, :, None])[:, 0] for b in range(ids.shape[0])]
-    )
-    return float(dapo_loss_from_logp(logp, old, adv, mask))
+def _math_variants(device, compile_ok):
+    """(entry-name suffix, compile_math) of our entries: as shipped ("auto": compiled on CUDA), plus
+    the eager math on CUDA (what compiling buys: kernel launches of 130-200 small ops)."""
+    if not compile_ok:
+        return [("", "never")]
+    return [("", "auto")] + ([(", eager math", "never")] if device.type == "cuda" else [])
 
 
-def check_losses(rows, section, shape, ref, rtol=2e-2):
-    """Flag entries of (section, shape) whose loss differs from the fp32 reference (bf16 inputs:
-    a few 1e-3 relative is rounding; a wrong argument order is far off)."""
-    for r in rows:
-        if (
-            r["section"] == section
-            and r["shape"] == shape
-            and r["loss"] is not None
-            and r["status"] == "ok"
-            and "loss_rel_err" not in r
-        ):  # rows checked against an earlier reference keep that check
-            r["loss_rel_err"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
-            if r["loss_rel_err"] > rtol:
-                r["status"] = f"LOSS MISMATCH: {r['loss']:.6g} vs fp32 reference {ref:.6g}"
+def _liger_grpo_loss():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception:
+        return None
+    return triton_grpo_loss
 
 
 # ----------------------------------------------------------------------------- logits path
 
 
-def _math_variants(device, compile_ok):
-    """(entry-name suffix, compile_math) of our entries: the default, plus eager math on CUDA."""
-    if not compile_ok:
-        return [("", False)]
-    return [("", "auto")] + ([(", eager math", False)] if device.type == "cuda" else [])
+@dataclass
+class LogitsCase:
+    """The inputs of one logits-path shape: ``logits`` (trainable, restored from ``logits0`` before
+    every run because in-place backwards overwrite it) and the per-condition inputs."""
 
+    logits0: torch.Tensor
+    logits: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    T: int
 
-def bench_logits(rows, device, iters, warmup, shapes, compile_ok, save=lambda: None):
-    from grpo_fix import PRESETS
-    from grpo_fix.kernels import logits_surrogate_loss, selective_logprob_nograd
-
-    try:
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except Exception:
-        triton_grpo_loss = None
-
-    compiled_loss = torch.compile(trl_eager_loss, dynamic=False) if compile_ok else None
-    # our default ("auto") compiles the per-token math on CUDA; the eager-math entries measure
-    # what that buys (kernel launches of 130-200 small ops, see grpo_fix.loss.compiled)
-    math_variants = _math_variants(device, compile_ok)
-    for B, T, V in shapes:
-        shape = f"B={B} T={T} V={V}"
-        gib = B * (T + 1) * V * 2 / 2**30
-        print(f"\nlogits path {shape} bf16 (logits {gib:.2f} GiB)", flush=True)
+    @classmethod
+    def make(cls, B, T, V, device):
         gen = torch.Generator(device=device).manual_seed(0)
         logits0 = (torch.randn(B, T + 1, V, generator=gen, device=device) * 2).to(torch.bfloat16)
-        logits = logits0.clone().requires_grad_(True)
         ids = torch.randint(0, V, (B, T), generator=gen, device=device)
-        mask = _mask(B, T, device, gen)
-        old = -torch.rand(B, T, generator=gen, device=device) * 12 - 2
-        adv = torch.randn(B, generator=gen, device=device)
+        return cls(logits0, logits0.clone().requires_grad_(True), ids, _mask(B, T, device, gen), T)
 
-        def restore():  # in-place backwards (ours, Liger) overwrite the logits with their gradient
+    def restore(self):
+        with torch.no_grad():
+            self.logits.copy_(self.logits0)
+
+    def inputs(self, cond: Condition) -> dict:
+        """old, adv, ref for ``cond`` (seeded per condition), and the clipped fraction of valid tokens."""
+        from grpo_fix.kernels import selective_logprob_nograd
+
+        B, T = self.ids.shape
+        dev = self.ids.device
+        gen = torch.Generator(device=dev).manual_seed(1)
+        policy = selective_logprob_nograd(self.logits0, self.ids, self.mask, cond.temperature)
+        if cond.old == "far":
+            old = -torch.rand(B, T, generator=gen, device=dev) * 12 - 2
+        else:
+            old = policy + 0.01 * torch.randn(B, T, generator=gen, device=dev)
+        adv = torch.randn(B, generator=gen, device=dev)
+        adv[: cond.zero_adv_rows] = 0
+        ref = policy + 0.02 * torch.randn(B, T, generator=gen, device=dev) if cond.beta else None
+        ratio = torch.exp(policy - old)
+        a = adv[:, None]
+        clipped = ((ratio < 1 - EPS_LOW) & (a < 0)) | ((ratio > 1 + EPS_HIGH) & (a > 0))
+        frac = float((clipped & self.mask).sum() / self.mask.sum().clamp_min(1))
+        return dict(old=old, adv=adv, ref=ref, clipped_fraction=frac)
+
+
+def bench_logits_shape(run: Runner, B, T, V, compile_ok, conditions=LOGITS_CONDITIONS, trl_compiled=True):
+    """Every logits-path entry at one shape, under each condition."""
+    from grpo_fix import PRESETS, logits_surrogate_loss
+
+    shape = f"B={B} T={T} V={V}"
+    print(f"\nlogits path {shape} bf16 (logits {B * (T + 1) * V * 2 / 2**30:.2f} GiB)", flush=True)
+    case = LogitsCase.make(B, T, V, run.device)
+    compiled_loss = torch.compile(trl_eager_loss, dynamic=False) if compile_ok and trl_compiled else None
+
+    def copy_fn():
+        def fn():
             with torch.no_grad():
-                logits.copy_(logits0)
+                case.logits.detach().clone()
 
-        def step(loss_fn):
-            return train_step(loss_fn, logits)
+        return fn
 
-        def copy_fn():
-            def fn():
-                with torch.no_grad():
-                    logits.detach().clone()
+    run.entry("logits", shape, "logits copy (1 read + 1 write)", copy_fn, setup=case.restore)
+    for i, cond in enumerate(conditions):
+        with_trl = i == 0 or bool(cond.beta) or cond.temperature != 1.0  # TRL-style time ignores clipping
+        bench_logits_condition(run, shape, case, cond, compile_ok, compiled_loss if with_trl else False)
+    # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
+    x = case.inputs(conditions[0])
+    run.entry(
+        "logits",
+        shape,
+        "ours, uniform preset (prefix-consistent, G=8)",
+        lambda: train_step(
+            lambda: (
+                logits_surrogate_loss(
+                    PRESETS["uniform"],
+                    case.logits,
+                    case.ids,
+                    x["old"],
+                    x["adv"],
+                    case.mask,
+                    group_size=B,
+                    backend="triton",
+                ).loss
+            ),
+            case.logits,
+        ),
+        condition=conditions[0].name,
+        note="includes prefix classes and W_agg; another loss, not compared",
+        setup=case.restore,
+    )
 
-            return fn
 
-        def entry(name, make_fn, note=""):
-            run_entry(rows, "logits", shape, name, make_fn, device, iters, warmup, note=note, setup=restore)
+def bench_logits_condition(run: Runner, shape, case: LogitsCase, cond: Condition, compile_ok, compiled_loss):
+    """The entries of one condition; ``compiled_loss`` False leaves out the TRL-style entries, None
+    leaves out only the compiled one; each loss is checked against the fp32 reference."""
+    from grpo_fix import PRESETS, logits_surrogate_loss
 
-        entry("logits copy (1 read + 1 write)", copy_fn)
-        entry("TRL-style eager (fp32 log_softmax)", lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask)))
+    triton_grpo_loss = _liger_grpo_loss()
+    logits, ids, mask, T = case.logits, case.ids, case.mask, case.T
+    x = case.inputs(cond)
+    old, adv, ref, temp, beta = x["old"], x["adv"], x["ref"], cond.temperature, cond.beta
+    cfg = PRESETS["dapo"].replace(beta=beta, kl_times_ratio=False)
+    note = f"clipped {x['clipped_fraction']:.0%} of valid tokens"
+
+    def entry(name, make_fn):
+        run.entry("logits", shape, name, make_fn, condition=cond.name, note=note, setup=case.restore)
+
+    def step(loss_fn):
+        return train_step(loss_fn, logits)
+
+    def liger():
+        return triton_grpo_loss(
+            logits,
+            old,
+            ref,
+            ids,
+            adv,
+            mask,
+            temperature=temp,
+            beta=beta,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            inplace=True,
+            loss_type="dapo",
+            reduce=True,
+        )[0]
+
+    def ours(compile_math):
+        return logits_surrogate_loss(
+            cfg,
+            logits,
+            ids,
+            old,
+            adv,
+            mask,
+            group_size=None,
+            temperature=temp,
+            ref_logp=ref,
+            inplace_backward=True,
+            compile_math=compile_math,
+            backend="triton",
+        ).loss
+
+    if compiled_loss is not False:
+        entry(
+            "TRL-style eager (fp32 log_softmax)",
+            lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask, temp, beta, ref)),
+        )
         entry(
             "torch.compile of the same",
-            lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask)) if compiled_loss else None,
-        )
-        entry(
-            "Liger 0.8.5 triton_grpo_loss (inplace)",
             lambda: (
-                step(
-                    lambda: triton_grpo_loss(
-                        logits,
-                        old,
-                        None,
-                        ids,
-                        adv,
-                        mask,
-                        temperature=1.0,
-                        beta=0.0,
-                        eps_low=EPS_LOW,
-                        eps_high=EPS_HIGH,
-                        inplace=True,
-                        loss_type="dapo",
-                        reduce=True,
-                    )[0]
-                )
-                if triton_grpo_loss
-                else None
+                step(lambda: compiled_loss(logits, ids, old, adv, mask, temp, beta, ref)) if compiled_loss else None
             ),
         )
-        for suffix, compile_math in math_variants:
-            entry(
-                "ours logits_surrogate_loss (dapo, inplace)" + suffix,
-                lambda: step(
-                    lambda: (
-                        logits_surrogate_loss(
-                            PRESETS["dapo"],
-                            logits,
-                            ids,
-                            old,
-                            adv,
-                            mask,
-                            group_size=None,
-                            inplace_backward=True,
-                            compile_math=compile_math,
-                        ).loss
-                    )
-                ),
-            )
-        check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, old, adv, mask))
-        # The old log-probs above are far from the policy (as in the anchors' measurements), so
-        # about half the tokens are clipped and our backward skips their rows; Liger reads every
-        # row.  Near on-policy (ratios ~ 1, nothing clipped) that advantage is gone: measured too.
-        near = selective_logprob_nograd(logits0, ids, mask) + 0.01 * torch.randn(B, T, generator=gen, device=device)
-        tag = ", near on-policy old (nothing clipped)"
-        if triton_grpo_loss:
-            entry(
-                "Liger 0.8.5 triton_grpo_loss (inplace)" + tag,
-                lambda: step(
-                    lambda: triton_grpo_loss(
-                        logits,
-                        near,
-                        None,
-                        ids,
-                        adv,
-                        mask,
-                        temperature=1.0,
-                        beta=0.0,
-                        eps_low=EPS_LOW,
-                        eps_high=EPS_HIGH,
-                        inplace=True,
-                        loss_type="dapo",
-                        reduce=True,
-                    )[0]
-                ),
-            )
-        for suffix, compile_math in math_variants:
-            entry(
-                "ours logits_surrogate_loss (dapo, inplace)" + tag + suffix,
-                lambda: step(
-                    lambda: (
-                        logits_surrogate_loss(
-                            PRESETS["dapo"],
-                            logits,
-                            ids,
-                            near,
-                            adv,
-                            mask,
-                            group_size=None,
-                            inplace_backward=True,
-                            compile_math=compile_math,
-                        ).loss
-                    )
-                ),
-            )
-        check_losses(rows, "logits", shape, reference_loss(lambda b: logits0[b, :T], ids, near, adv, mask))
-        # a different loss (uniform preset: prefix-consistent advantages, W_agg): timed, not compared
-        entry(
-            "ours, uniform preset (prefix-consistent, G=8)",
-            lambda: step(
-                lambda: (
-                    logits_surrogate_loss(
-                        PRESETS["uniform"], logits, ids, old, adv, mask, group_size=B, inplace_backward=True
-                    ).loss
-                )
-            ),
-            note="includes prefix classes and W_agg; another loss, not compared",
-        )
-        del logits, logits0, ids, mask, old, near, adv
+    entry("Liger 0.8.5 triton_grpo_loss (inplace)", lambda: step(liger) if triton_grpo_loss else None)
+    for suffix, compile_math in _math_variants(run.device, compile_ok):
+        entry("ours logits_surrogate_loss (dapo, inplace)" + suffix, lambda cm=compile_math: step(lambda: ours(cm)))
+    ref_value = reference_loss(lambda b: case.logits0[b, :T], ids, old, adv, mask, temp, beta, ref)
+    check_losses(run.rows, "logits", shape, ref_value, condition=cond.name)
+
+
+def bench_logits(run: Runner, shapes, compile_ok, save=lambda: None, conditions=LOGITS_CONDITIONS, trl_compiled=True):
+    for B, T, V in shapes:
+        bench_logits_shape(run, B, T, V, compile_ok, conditions, trl_compiled)
         save()
 
 
+# ----------------------------------------------------------------------------- launch sweep
+
+
 SWEEP_SHAPE = (8, 2048, 151936)
-SWEEP_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16) if b // (32 * w) >= 4]
-SMOKE_SWEEP = ((2, 8, 512), [(1024, 4), (4096, 8)])
+#: Liger 0.8.5's own launches of its GRPO kernels (liger_kernel/ops/grpo_loss.py: the forward
+#: ``_grpo_loss_fwd_kernel`` with BLOCK_N 2048, num_warps 1, num_stages 2; the backward
+#: ``_grpo_loss_bwd_kernel`` with BLOCK_N 4096, num_warps 16, num_stages 1), as
+#: (BLOCK_V, num_warps, num_stages, tag).
+LIGER_CONFIGS = [(2048, 1, 2, "Liger fwd"), (4096, 16, 1, "Liger bwd")]
+SWEEP_CONFIGS = [
+    (b, w, None, "")
+    for b in (1024, 2048, 4096, 8192, 16384)
+    for w in (4, 8, 16)
+    if b // (32 * w) >= 4  # at least 4 elements per thread (64-bit bf16 access)
+] + LIGER_CONFIGS
+SHORT_SWEEP_CONFIGS = [(2048, 4, None, ""), (4096, 8, None, ""), (8192, 8, None, ""), (8192, 16, None, "")]
+SHORT_SWEEP_CONFIGS += LIGER_CONFIGS
+SMOKE_SWEEP = ((2, 4, 512), [(1024, 4, None, ""), (4096, 8, None, "")] + LIGER_CONFIGS)
 
 
-def bench_block_sweep(rows, device, iters, warmup, shape, configs, save=lambda: None):
-    """Time our forward and backward log-prob kernels alone over (BLOCK_V, num_warps) at one
-    logits shape (bf16, 20 % masked, every unmasked row with a nonzero upstream gradient): the
-    data for choosing ``grpo_fix.kernels.logprob``'s launch heuristic.  Configurations with fewer
-    than 4 elements per thread are left out (no 64-bit bf16 access)."""
+class _Staged:
+    """A Triton kernel launched with ``num_stages`` added to its launch options."""
+
+    def __init__(self, kernel, num_stages):
+        self.kernel, self.num_stages = kernel, num_stages
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **kwargs, num_stages=self.num_stages)
+
+
+def bench_block_sweep(run: Runner, shape, configs):
+    """Time our forward and backward log-prob kernels alone over (BLOCK_V, num_warps, num_stages)
+    at one logits shape (bf16, 20 % masked, every unmasked row with a nonzero upstream gradient):
+    the data for choosing ``grpo_fix.kernels.logprob``'s launch heuristic.  ``num_stages`` None is
+    Triton's default."""
     from grpo_fix.kernels import logprob as lp
 
     B, T, V = shape
     label = f"B={B} T={T} V={V}"
-    gen = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(B, T + 1, V, generator=gen, device=device) * 2).to(torch.bfloat16)
-    ids = torch.randint(0, V, (B, T), generator=gen, device=device)
-    mask = _mask(B, T, device, gen)
-    dlogp = torch.randn(B, T, generator=gen, device=device)
+    gen = torch.Generator(device=run.device).manual_seed(0)
+    logits = (torch.randn(B, T + 1, V, generator=gen, device=run.device) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=gen, device=run.device)
+    mask = _mask(B, T, run.device, gen)
+    dlogp = torch.randn(B, T, generator=gen, device=run.device)
     block0 = lp._block_v(V, lp._interpret())
-    default = (block0, lp._num_warps(block0))
-    orig = lp._block_v, lp._num_warps
+    default = (block0, lp._num_warps(block0), None)
+    originals = lp._block_v, lp._num_warps, lp._kernels
     print(f"\nlaunch sweep {label} bf16 (default BLOCK_V={default[0]}, num_warps={default[1]})", flush=True)
+    kernels = lp._kernels()
     state = {}
 
     def fwd():
@@ -381,30 +510,51 @@ def bench_block_sweep(rows, device, iters, warmup, shape, configs, save=lambda: 
     def bwd():
         lp.logprob_backward(logits, ids, mask, state["lse"], dlogp)
 
+    if default not in [c[:3] for c in configs]:
+        configs = [(*default, "")] + list(configs)
     try:
-        for block, warps in configs:
+        for block, warps, stages, tag in configs:
             lp._block_v, lp._num_warps = (lambda *_a, _b=block: _b), (lambda *_a, _w=warps: _w)
-            tag = f"BLOCK_V={block} warps={warps}" + (" (default)" if (block, warps) == default else "")
-            state["lse"] = lp.logprob_forward(logits, ids, mask)[1]
-            run_entry(rows, "sweep", label, f"fwd {tag}", lambda: fwd, device, iters, warmup)
-            run_entry(rows, "sweep", label, f"bwd {tag}", lambda: bwd, device, iters, warmup)
-            save()
+            lp._kernels = (
+                (lambda: kernels) if stages is None else (lambda _s=stages: tuple(_Staged(k, _s) for k in kernels))
+            )
+            name = f"BLOCK_V={block} warps={warps}" + ("" if stages is None else f" stages={stages}")
+            name += (" (default)" if (block, warps, stages) == default else "") + (f" ({tag})" if tag else "")
+            try:
+                state["lse"] = lp.logprob_forward(logits, ids, mask)[1]
+            except Exception as e:
+                state["lse"] = None
+                print(f"  {name}: forward failed ({type(e).__name__}: {e})", flush=True)
+            run.entry("sweep", label, f"fwd {name}", lambda: fwd)
+            run.entry("sweep", label, f"bwd {name}", lambda: bwd if state["lse"] is not None else None)
     finally:
-        lp._block_v, lp._num_warps = orig
-    del logits, state
+        lp._block_v, lp._num_warps, lp._kernels = originals
 
 
 # ----------------------------------------------------------------------------- logits-free path
 
 
-def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile_ok, save=lambda: None):
-    from grpo_fix import PRESETS
-    from grpo_fix.kernels import linear_surrogate_loss, logits_surrogate_loss
+def gemm_floor(hidden, weight, rows=None):
+    """``() -> None``: the three lm_head GEMMs of a forward + backward (logits, dX, dW) on
+    ``hidden``'s tokens (``rows``: the token rows to use; default all)."""
+    H = hidden.shape[-1]
+    X = hidden.detach().reshape(-1, H)
+    if rows is not None:
+        X = X[rows]
+    W = weight.detach()
 
-    try:
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except Exception:
-        triton_grpo_loss = None
+    def fn():
+        logits = X @ W.t()
+        logits @ W  # dX
+        logits.t() @ X  # dW
+
+    return fn
+
+
+def bench_linear_shape(run: Runner, B, T, H, V, liger_fused_iters, compile_ok, chunks=(4096, 8192)):
+    from grpo_fix import PRESETS, linear_surrogate_loss, logits_surrogate_loss
+
+    triton_grpo_loss = _liger_grpo_loss()
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except Exception:
@@ -415,132 +565,133 @@ def bench_linear(rows, device, iters, warmup, shapes, liger_fused_iters, compile
     except Exception:
         ChunkedLogProbFunction, trl_chunk = None, 32768
 
-    for B, T, H, V in shapes:
-        shape = f"N={B * T} (B={B} T={T}) H={H} V={V}"
-        print(f"\nlogits-free {shape} bf16", flush=True)
-        gen = torch.Generator(device=device).manual_seed(0)
-        dt = torch.bfloat16
-        hidden = torch.randn(B, T + 1, H, generator=gen, device=device).to(dt).requires_grad_(True)
-        weight = (torch.randn(V, H, generator=gen, device=device) / H**0.5).to(dt).requires_grad_(True)
-        ids = torch.randint(0, V, (B, T), generator=gen, device=device)
-        mask = _mask(B, T, device, gen)
-        old = -torch.rand(B, T, generator=gen, device=device) * 12 - 2
-        adv = torch.randn(B, generator=gen, device=device)
-        n_valid = int(mask.sum())
+    device = run.device
+    shape = f"N={B * T} (B={B} T={T}) H={H} V={V}"
+    print(f"\nlogits-free {shape} bf16 (dW accumulation: {dw_accumulation(device)})", flush=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    hidden = torch.randn(B, T + 1, H, generator=gen, device=device).to(dt).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=gen, device=device) / H**0.5).to(dt).requires_grad_(True)
+    ids = torch.randint(0, V, (B, T), generator=gen, device=device)
+    mask = _mask(B, T, device, gen)
+    old = -torch.rand(B, T, generator=gen, device=device) * 12 - 2
+    adv = torch.randn(B, generator=gen, device=device)
+    adv_zero = adv.clone()
+    adv_zero[:ZERO_ADV_ROWS] = 0
+    n_valid = int(mask.sum())
 
-        def h_view():
-            return hidden[:, :T]
+    def h_view():
+        return hidden[:, :T]
 
-        def step(loss_fn):
-            return train_step(loss_fn, hidden, weight)
+    def step(loss_fn):
+        return train_step(loss_fn, hidden, weight)
 
-        def floor(valid_only):
-            X = hidden.detach()[:, :T].reshape(-1, H)
-            if valid_only:
-                X = X[mask.reshape(-1)]
-            W = weight.detach()
-
-            def fn():
-                logits = X @ W.t()
-                dX = logits @ W  # noqa: F841
-                dW = logits.t() @ X  # noqa: F841
-
-            return fn
-
-        def liger_fused():
-            if LigerFusedLinearGRPOLoss is None:
-                return None
-            mod = LigerFusedLinearGRPOLoss(
-                beta=0.0,
-                use_ref_model=False,
-                epsilon_low=EPS_LOW,
-                epsilon_high=EPS_HIGH,
-                loss_type="dapo",
-                compiled=device.type == "cuda",
-            )
-            return step(lambda: mod(h_view(), weight, ids, mask, adv, old_per_token_logps=old)[0])
-
-        def trl_head():
-            if ChunkedLogProbFunction is None:
-                return None
-
-            def loss():
-                h = h_view()
-                lp_valid = ChunkedLogProbFunction.apply(
-                    h[mask], weight, None, ids[mask], 1.0, trl_chunk, None, 1.0, ()
-                )[0]
-                logp = lp_valid.new_zeros(mask.shape).masked_scatter(mask, lp_valid)
-                return dapo_loss_from_logp(logp, old, adv, mask)
-
-            return step(loss)
-
-        def entry(name, make_fn, n_iters=iters, n_warmup=warmup):
-            run_entry(rows, "linear", shape, name, make_fn, device, n_iters, n_warmup)
-
-        entry("floor: 3 lm_head GEMMs (all tokens)", lambda: floor(False))
-        entry(f"floor: 3 lm_head GEMMs (valid {n_valid})", lambda: floor(True))
-        entry(
-            "materialised logits + ours (inplace)",
-            lambda: step(
-                lambda: (
-                    logits_surrogate_loss(
-                        PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None
-                    ).loss
-                )
-            ),
+    def liger_fused():
+        if LigerFusedLinearGRPOLoss is None or not liger_fused_iters:
+            return None
+        mod = LigerFusedLinearGRPOLoss(
+            beta=0.0,
+            use_ref_model=False,
+            epsilon_low=EPS_LOW,
+            epsilon_high=EPS_HIGH,
+            loss_type="dapo",
+            compiled=device.type == "cuda",
         )
-        entry(
-            "materialised logits + Liger triton_grpo_loss",
+        return step(lambda: mod(h_view(), weight, ids, mask, adv, old_per_token_logps=old)[0])
+
+    def trl_head():
+        if ChunkedLogProbFunction is None:
+            return None
+
+        def loss():
+            h = h_view()
+            lp_valid = ChunkedLogProbFunction.apply(h[mask], weight, None, ids[mask], 1.0, trl_chunk, None, 1.0, ())[0]
+            logp = lp_valid.new_zeros(mask.shape).masked_scatter(mask, lp_valid)
+            return dapo_loss_from_logp(logp, old, adv, mask)
+
+        return step(loss)
+
+    def ours(chunk, compile_math, advantages):
+        return step(
             lambda: (
-                step(
-                    lambda: triton_grpo_loss(
-                        hidden @ weight.t(),
-                        old,
-                        None,
-                        ids,
-                        adv,
-                        mask,
-                        temperature=1.0,
-                        beta=0.0,
-                        eps_low=EPS_LOW,
-                        eps_high=EPS_HIGH,
-                        inplace=True,
-                        loss_type="dapo",
-                        reduce=True,
-                    )[0]
-                )
-                if triton_grpo_loss
-                else None
-            ),
-        )
-        entry("Liger LigerFusedLinearGRPOLoss", liger_fused, liger_fused_iters, 1)
-        entry("TRL 1.16 ChunkedLogProbFunction + loss", trl_head)
-        (_, default), *eager = _math_variants(device, compile_ok)
-        variants = [(4096, "", default), (8192, "", default)] + [(4096, suffix, False) for suffix, _ in eager]
-        for chunk, suffix, compile_math in variants:
-            entry(
-                f"ours linear_surrogate_loss (chunk {chunk})" + suffix,
-                lambda: step(
-                    lambda: (
-                        linear_surrogate_loss(
-                            PRESETS["dapo"],
-                            h_view(),
-                            weight,
-                            ids,
-                            old,
-                            adv,
-                            mask,
-                            group_size=None,
-                            chunk_tokens=chunk,
-                            compile_math=compile_math,
-                        ).loss
-                    )
-                ),
+                linear_surrogate_loss(
+                    PRESETS["dapo"],
+                    h_view(),
+                    weight,
+                    ids,
+                    old,
+                    advantages,
+                    mask,
+                    group_size=None,
+                    chunk_tokens=chunk,
+                    compile_math=compile_math,
+                    backend="triton",
+                ).loss
             )
-        with torch.no_grad():
-            ref = reference_loss(lambda b: hidden[b, :T] @ weight.t(), ids, old, adv, mask)
-        check_losses(rows, "linear", shape, ref)
-        del hidden, weight, ids, mask, old, adv
+        )
+
+    def entry(name, make_fn, iters=None, warmup=None, condition=None, note=""):
+        run.entry("linear", shape, name, make_fn, iters=iters, warmup=warmup, condition=condition, note=note)
+
+    entry("floor: 3 lm_head GEMMs (all tokens)", lambda: gemm_floor(hidden[:, :T], weight))
+    entry(f"floor: 3 lm_head GEMMs (valid {n_valid})", lambda: gemm_floor(hidden[:, :T], weight, mask.reshape(-1)))
+    entry(
+        "materialised logits + ours (inplace)",
+        lambda: step(
+            lambda: (
+                logits_surrogate_loss(
+                    PRESETS["dapo"], hidden @ weight.t(), ids, old, adv, mask, group_size=None, backend="triton"
+                ).loss
+            )
+        ),
+    )
+    entry(
+        "materialised logits + Liger triton_grpo_loss",
+        lambda: (
+            step(
+                lambda: triton_grpo_loss(
+                    hidden @ weight.t(),
+                    old,
+                    None,
+                    ids,
+                    adv,
+                    mask,
+                    temperature=1.0,
+                    beta=0.0,
+                    eps_low=EPS_LOW,
+                    eps_high=EPS_HIGH,
+                    inplace=True,
+                    loss_type="dapo",
+                    reduce=True,
+                )[0]
+            )
+            if triton_grpo_loss
+            else None
+        ),
+    )
+    entry("Liger LigerFusedLinearGRPOLoss", liger_fused, liger_fused_iters, 1)
+    entry("TRL 1.16 ChunkedLogProbFunction + loss", trl_head)
+    (_, default), *eager = _math_variants(device, compile_ok)
+    variants = [(c, "", default) for c in chunks] + [(chunks[0], suffix, cm) for suffix, cm in eager]
+    for chunk, suffix, compile_math in variants:
+        entry(f"ours linear_surrogate_loss (chunk {chunk})" + suffix, lambda c=chunk, cm=compile_math: ours(c, cm, adv))
+    with torch.no_grad():
+        logp = reference_logp(lambda b: hidden[b, :T] @ weight.t(), ids)
+    check_losses(run.rows, "linear", shape, float(dapo_loss_from_logp(logp, old, adv, mask)))
+    zero = f"{ZERO_ADV_ROWS} of 8 rows zero advantage"
+    live = (mask & (adv_zero != 0)[:, None]).reshape(-1)
+    entry(
+        "floor: 3 lm_head GEMMs (valid, advantage != 0)",
+        lambda: gemm_floor(hidden[:, :T], weight, live),
+        condition=zero,
+    )
+    entry(f"ours linear_surrogate_loss (chunk {chunks[0]})", lambda: ours(chunks[0], default, adv_zero), condition=zero)
+    check_losses(run.rows, "linear", shape, float(dapo_loss_from_logp(logp, old, adv_zero, mask)), condition=zero)
+
+
+def bench_linear(run: Runner, shapes, liger_fused_iters, compile_ok, save=lambda: None):
+    for B, T, H, V in shapes:
+        bench_linear_shape(run, B, T, H, V, liger_fused_iters, compile_ok)
         save()
 
 
@@ -559,16 +710,45 @@ SECTIONS = (  # (section, title, entries whose time the others are divided by)
 
 
 def _reference_of(row, sec, ref_entry):
-    if row["section"] == "sweep":  # each kernel against its default launch
-        return next(
-            (x for x in sec if x["entry"].startswith(row["entry"][:3]) and x["entry"].endswith("(default)")), None
+    """The row ``row``'s time is divided by: the default launch of the same kernel (sweep), else
+    ``ref_entry`` at the same shape, under the same condition when it has one."""
+    if row["section"] == "sweep":
+        kernel = row["entry"][:3]
+        return next((x for x in sec if x["entry"].startswith(kernel) and "(default)" in x["entry"]), None)
+    same = [x for x in sec if x["shape"] == row["shape"] and x["entry"] == ref_entry]
+    return next((x for x in same if x.get("condition") == row.get("condition")), same[0] if same else None)
+
+
+def section_markdown(rows, section, title, ref_entries) -> list[str]:
+    """The markdown table of one section's rows (empty when it has none; no heading when ``title`` is None)."""
+    sec = [r for r in rows if r["section"] == section]
+    if not sec:
+        return []
+    refs = ref_entries or ("default launch",)
+    ref_cols = " | ".join(f"x {e.split(' (')[0]}" for e in refs)
+    lines = ([f"## {title}", ""] if title else []) + [
+        f"| shape | condition | entry | median ms | {ref_cols} | peak extra GiB | loss err | status | note |",
+        "|---|---|---|---|" + "---|" * len(refs) + "---|---|---|---|",
+    ]
+    for r in sec:
+        ratios = []
+        for e in refs:
+            ref = _reference_of(r, sec, e)
+            ok = ref and ref["median_ms"] and r["median_ms"] is not None
+            ratios.append(f"{r['median_ms'] / ref['median_ms']:.2f}" if ok else "-")
+        ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}"
+        mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
+        err = f"{r['loss_rel_err']:.1e}" if r.get("loss_rel_err") is not None else "-"
+        lines.append(
+            f"| {r['shape']} | {r.get('condition') or '-'} | {r['entry']} | {ms} | {' | '.join(ratios)} | {mem} | "
+            f"{err} | {r['status']} | {r.get('note', '')} |"
         )
-    return next((x for x in sec if x["shape"] == row["shape"] and x["entry"] == ref_entry), None)
+    return lines + [""]
 
 
 def to_markdown(rows, meta):
     lines = [
-        f"# grpo_fix.kernels benchmark on {meta['device']}",
+        f"# grpo-fix vocabulary paths benchmark on {meta['device']}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger']}, trl {meta['trl']}; "
         f"{meta['date']}; median of {meta['iters']} fwd+bwd runs after {meta['warmup']} warm-ups; "
@@ -579,40 +759,32 @@ def to_markdown(rows, meta):
         "",
     ]
     for section, title, ref_entries in SECTIONS:
-        sec = [r for r in rows if r["section"] == section]
-        if not sec:
-            continue
-        refs = ref_entries or ("default launch",)
-        ref_cols = " | ".join(f"x {e.split(' (')[0]}" for e in refs)
-        lines += [
-            f"## {title}",
-            "",
-            f"| shape | entry | median ms | {ref_cols} | peak extra GiB | loss err | status |",
-            "|---|---|---|" + "---|" * len(refs) + "---|---|---|",
-        ]
-        for r in sec:
-            ratios = []
-            for e in refs:
-                ref = _reference_of(r, sec, e)
-                ok = ref and ref["median_ms"] and r["median_ms"] is not None
-                ratios.append(f"{r['median_ms'] / ref['median_ms']:.2f}" if ok else "-")
-            ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}"
-            mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
-            err = f"{r['loss_rel_err']:.1e}" if r.get("loss_rel_err") is not None else "-"
-            lines.append(
-                f"| {r['shape']} | {r['entry']} | {ms} | {' | '.join(ratios)} | {mem} | {err} | {r['status']} |"
-            )
-        lines.append("")
+        lines += section_markdown(rows, section, title, ref_entries)
     return "\n".join(lines)
 
 
-def _version(pkg):
+def version(pkg):
     try:
         import importlib.metadata as md
 
         return md.version(pkg)
     except Exception:
         return "not installed"
+
+
+def meta_for(device, iters, warmup):
+    """What every result file records about the run."""
+    return dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+        torch=torch.__version__,
+        triton=version("triton"),
+        liger=version("liger-kernel"),
+        trl=version("trl"),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        iters=iters,
+        warmup=warmup,
+        dw_accumulation=dw_accumulation(device),
+    )
 
 
 def main(argv=None):
@@ -639,49 +811,32 @@ def main(argv=None):
         device = torch.device("cuda")
         logits_shapes, linear_shapes, iters, warmup = LOGITS_SHAPES, LINEAR_SHAPES, args.iters, args.warmup
 
-    meta = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-        torch=torch.__version__,
-        triton=_version("triton"),
-        liger=_version("liger-kernel"),
-        trl=_version("trl"),
-        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        iters=iters,
-        warmup=warmup,
-        dw_accumulation=dw_accumulation(device),
-    )
+    meta = meta_for(device, iters, warmup)
     slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = RESULTS_DIR / f"kernels_{slug}_{stamp}{'_' + args.only if args.only else ''}"
-    rows: list[dict] = []
+    run = Runner([], device, iters, warmup)
+    compile_ok = not args.no_compile and not args.smoke_cpu
 
     def save():  # after every shape, so a run cut short by a time limit keeps what it measured
         if args.smoke_cpu:
             return
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        base.with_suffix(".md").write_text(to_markdown(rows, meta) + "\n")
+        base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=run.rows), indent=2))
+        base.with_suffix(".md").write_text(to_markdown(run.rows, meta) + "\n")
 
     if args.only in (None, "logits"):
-        bench_logits(rows, device, iters, warmup, logits_shapes, not args.no_compile and not args.smoke_cpu, save)
+        bench_logits(run, logits_shapes, compile_ok, save)
     if args.only in (None, "sweep"):
         sweep_shape, configs = SMOKE_SWEEP if args.smoke_cpu else (SWEEP_SHAPE, SWEEP_CONFIGS)
-        bench_block_sweep(rows, device, iters, warmup, sweep_shape, configs, save)
+        bench_block_sweep(run, sweep_shape, configs)
+        save()
     if args.only in (None, "linear"):
-        bench_linear(
-            rows,
-            device,
-            iters,
-            warmup,
-            linear_shapes,
-            args.liger_fused_iters if not args.smoke_cpu else 1,
-            not args.no_compile and not args.smoke_cpu,
-            save,
-        )
+        bench_linear(run, linear_shapes, args.liger_fused_iters if not args.smoke_cpu else 1, compile_ok, save)
 
-    print("\n" + to_markdown(rows, meta))
+    print("\n" + to_markdown(run.rows, meta))
     if args.smoke_cpu:
-        bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("unavailable")]
+        bad = [r for r in run.rows if r["status"] != "ok" and not r["status"].startswith("unavailable")]
         return 1 if bad else 0
     save()
     print(f"wrote {base}.json and {base}.md")

@@ -31,8 +31,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 QWEN2_05B = dict(
     hidden_size=896,
     num_hidden_layers=24,
@@ -129,8 +127,9 @@ def run_variant(name: str, model_dir: str, args, device) -> dict:
             train_dataset=ds,
             processing_class=tok,
         )
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which we bypass
+    # what Trainer's training loop (bypassed here) sets up: optimizer, scheduler, accumulation steps
+    trainer.create_optimizer_and_scheduler(num_training_steps=args.warmup + args.steps)
+    trainer.current_gradient_accumulation_steps = 1
     model = trainer.model
     model.train()
     inputs = make_inputs(args.batch, args.prompt_len, args.completion_len, model.config.vocab_size, model.device)
@@ -158,7 +157,7 @@ def run_variant(name: str, model_dir: str, args, device) -> dict:
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if device.type == "cuda" else float("nan")
     med = statistics.median(times)
-    del trainer, model
+    trainer = model = None  # free the model before the next variant
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {

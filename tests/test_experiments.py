@@ -125,17 +125,3 @@ def test_bench_without_gpu_says_so(capsys):
         pytest.skip("has a GPU")
     assert main(["bench"]) == 0
     assert "no CUDA device" in capsys.readouterr().out
-
-
-def test_train_step_benchmark_smoke(capsys):
-    """The GPU training-step benchmark runs end to end on tiny CPU shapes (no numbers are recorded)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--smoke-cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "TRL default" in out and "grpo-fix" in out
