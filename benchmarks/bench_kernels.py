@@ -319,10 +319,10 @@ class LogitsCase:
         if cond.old == "far":
             old = -torch.rand(B, T, generator=gen, device=dev) * 12 - 2
         else:
-            old = policy + 0.01 * torch.randn(B, T, generator=gen, device=dev)
+            old = (policy + 0.01 * torch.randn(B, T, generator=gen, device=dev)).clamp(max=0.0)
         adv = torch.randn(B, generator=gen, device=dev)
         adv[: cond.zero_adv_rows] = 0
-        ref = policy + 0.02 * torch.randn(B, T, generator=gen, device=dev) if cond.beta else None
+        ref = (policy + 0.02 * torch.randn(B, T, generator=gen, device=dev)).clamp(max=0.0) if cond.beta else None
         ratio = torch.exp(policy - old)
         a = adv[:, None]
         clipped = ((ratio < 1 - EPS_LOW) & (a < 0)) | ((ratio > 1 + EPS_HIGH) & (a > 0))
@@ -378,8 +378,9 @@ def bench_logits_shape(run: Runner, B, T, V, compile_ok, conditions=LOGITS_CONDI
 
 
 def bench_logits_condition(run: Runner, shape, case: LogitsCase, cond: Condition, compile_ok, compiled_loss):
-    """The entries of one condition; ``compiled_loss`` False leaves out the TRL-style entries, None
-    leaves out only the compiled one; each loss is checked against the fp32 reference."""
+    """The entries of one condition; ``compiled_loss`` (``torch.compile`` of :func:`trl_eager_loss`)
+    False leaves out the TRL-style entries, None only the compiled one; each loss is checked against
+    the fp32 reference."""
     from grpo_fix import PRESETS, logits_surrogate_loss
 
     triton_grpo_loss = _liger_grpo_loss()
@@ -433,12 +434,11 @@ def bench_logits_condition(run: Runner, shape, case: LogitsCase, cond: Condition
             "TRL-style eager (fp32 log_softmax)",
             lambda: step(lambda: trl_eager_loss(logits, ids, old, adv, mask, temp, beta, ref)),
         )
-        entry(
-            "torch.compile of the same",
-            lambda: (
-                step(lambda: compiled_loss(logits, ids, old, adv, mask, temp, beta, ref)) if compiled_loss else None
-            ),
-        )
+        if compiled_loss is not None:
+            entry(
+                "torch.compile of the same",
+                lambda: step(lambda: compiled_loss(logits, ids, old, adv, mask, temp, beta, ref)),
+            )
     entry("Liger 0.8.5 triton_grpo_loss (inplace)", lambda: step(liger) if triton_grpo_loss else None)
     for suffix, compile_math in _math_variants(run.device, compile_ok):
         entry("ours logits_surrogate_loss (dapo, inplace)" + suffix, lambda cm=compile_math: step(lambda: ours(cm)))

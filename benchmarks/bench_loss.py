@@ -69,7 +69,7 @@ COMPILED_REGION = "compiled math"
 def make_batch(B: int, T: int, seed: int = 0) -> dict:
     """A buffered micro-batch as TRL holds it: groups of 8 completions that share prefixes of random
     length (some pairs share longer ones), 0/1 integer mask with 50-100 % of each row valid, old
-    log-probs 0.2 (std) off the current ones in log space, group-normalised advantages."""
+    log-probs 0.2 (std) off the current ones in log space (at most 0), group-normalised advantages."""
     if B % GROUP_SIZE:
         raise ValueError(f"B must be a multiple of the group size {GROUP_SIZE}, got {B}")
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +82,7 @@ def make_batch(B: int, T: int, seed: int = 0) -> dict:
     lengths = (T * (0.5 + 0.5 * torch.rand(B, generator=g))).long().clamp(1, T)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
     logp = -torch.rand(B, T, generator=g) * 3
-    old = logp + 0.2 * torch.randn(B, T, generator=g)
+    old = (logp + 0.2 * torch.randn(B, T, generator=g)).clamp(max=0.0)
     adv = group_advantages(torch.randn(B, generator=g), GROUP_SIZE)
     entropies = torch.rand(B, T, generator=g) * 2
     return dict(
@@ -263,6 +263,8 @@ def op_counts(name: str, call, batch: dict) -> dict:
     row = {
         "fwd_ops": fwd.ops,
         "bwd_ops": bwd.ops,
+        "fwd_launches": fwd.launches,
+        "bwd_launches": bwd.launches,
         "fwd_syncs": fwd.syncs,
         "bwd_syncs": bwd.syncs,
         "fwd_sync_ops": [fwd.names[i] for i in fwd.sync_positions],
@@ -320,6 +322,27 @@ def machine() -> str:
     return f"CPU {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
+def source_state() -> str:
+    """Which grpo-fix ran: the commit of the checkout it was imported from (and whether its library
+    files differ from that commit), or where it is installed."""
+    import subprocess
+
+    import grpo_fix
+
+    root = Path(grpo_fix.__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "grpo_fix", "kernels", "integration"], capture_output=True, text=True
+        )
+    except OSError:
+        head = None
+    if head is None or head.returncode or not (root / "kernels").is_dir():
+        return f"grpo_fix {grpo_fix.__version__} installed at {root}"
+    return head.stdout.strip() + (" + uncommitted library changes" if dirty.stdout.strip() else "")
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -330,6 +353,7 @@ def _load() -> str:
 def run(shapes: list[tuple[int, int]], rounds: int, warmup: int) -> dict:
     meta = dict(
         machine=machine(),
+        source=source_state(),
         torch=torch.__version__,
         trl=_version("trl"),
         accelerate=_version("accelerate"),
@@ -378,16 +402,18 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"# GRPO loss forward+backward on (B, T) log-probs: grpo-fix vs TRL {m['trl']}'s `_compute_loss`",
         "",
-        f"{m['machine']}; torch {m['torch']}, accelerate {m['accelerate']}; {m['date']}; load average "
-        f"{m['load_average_before']} before, {m['load_average_after']} after; median of {m['rounds']} paired, "
-        f"interleaved rounds after {m['warmup']} warm-up rounds; groups of {m['group_size']}; fp32.",
+        f"{m['machine']}; grpo-fix at {m['source']}; torch {m['torch']}, accelerate {m['accelerate']}; {m['date']}; "
+        f"load average {m['load_average_before']} before, {m['load_average_after']} after; "
+        f"median of {m['rounds']} paired, interleaved rounds after {m['warmup']} warm-up rounds; "
+        f"groups of {m['group_size']}; fp32.",
         "",
         "x TRL: median over rounds of (variant time / its TRL baseline's time in the same round), "
-        "[25th-75th percentile]. Ops: eager ops dispatched (forward / backward); syncs: host syncs "
+        "[25th-75th percentile]. Ops: eager ops dispatched, forward / backward (in brackets: those that "
+        "launch work on a GPU, i.e. without views and metadata); syncs: host syncs "
         "(forward / backward; with `checks='deferred'` in brackets); compiled: forward ops inside "
         "`run_math` (fused by `torch.compile` on CUDA). TRL's call includes its entropy-mean metric.",
         "",
-        "| shape | variant | median ms | x TRL | fwd ops | bwd ops | syncs | compiled |",
+        "| shape | variant | median ms | x TRL | ops fwd (launches) | ops bwd (launches) | syncs | compiled |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -397,8 +423,8 @@ def to_markdown(result: dict) -> str:
             syncs += f" ({r['fwd_syncs_checks_deferred']})"
         compiled = "-" if r["fwd_ops_in_compiled_region"] is None else str(r["fwd_ops_in_compiled_region"])
         lines.append(
-            f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {ratio} | {r['fwd_ops']} | {r['bwd_ops']} "
-            f"| {syncs} | {compiled} |"
+            f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {ratio} | {r['fwd_ops']} ({r['fwd_launches']}) "
+            f"| {r['bwd_ops']} ({r['bwd_launches']}) | {syncs} | {compiled} |"
         )
     lines += ["", "Parity before timing (ours vs TRL, relative): " + json.dumps(result["parity"])]
     return "\n".join(lines)

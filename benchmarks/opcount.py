@@ -4,7 +4,8 @@ Why: on a GPU every eager op is a kernel launch (a few microseconds each), and e
 makes the CPU wait for the queued kernels before it can launch the next ones.  Both are fixed
 costs per call that a CPU timing hides, so they are counted instead, on CPU, exactly: each op that
 reaches the dispatcher is recorded by a ``TorchDispatchMode`` (composite ops arrive already
-decomposed, as they would launch on CUDA).
+decomposed, as they would launch on CUDA); ``launches`` leaves out the ops that launch no kernel
+(views, metadata, uninitialised allocations).
 
 An op counts as a **sync** when on CUDA it would block the host: it reads a value
 (``_local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``; ``is_nonzero``, ``equal``) or
@@ -15,7 +16,7 @@ Usage::
 
     from opcount import count_forward_backward
     fwd, bwd = count_forward_backward(lambda: loss_fn(logp, ...).loss)
-    fwd.ops, fwd.syncs, bwd.ops, bwd.syncs          # numbers
+    fwd.ops, fwd.launches, fwd.syncs, bwd.ops       # numbers
     fwd.names                                       # the ops in order ("SYNC:" marks a sync)
 
 ``OpCounter.region(label)`` tags the ops dispatched inside it (e.g. the part of a loss that
@@ -52,6 +53,35 @@ SYNC_OPS = frozenset(
     }
 )
 SYNC_PREFIX = "SYNC:"
+#: Ops that launch no kernel on CUDA: views, metadata and allocation without initialisation.
+NO_KERNEL_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "expand",
+        "detach",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "narrow",
+        "diagonal",
+        "lift_fresh",
+        "promote_types",
+        "result_type",
+        "empty",
+        "empty_like",
+        "empty_strided",
+    }
+)
 
 
 def is_sync(name: str, args: tuple, kwargs: dict) -> bool:
@@ -81,6 +111,12 @@ class OpCounts:
         return len(self.names)
 
     @property
+    def launches(self) -> int:
+        """Ops that launch work on the device (a kernel, or the copy of a sync): :attr:`ops` minus
+        views, metadata and uninitialised allocations (:data:`NO_KERNEL_OPS`)."""
+        return sum(n.removeprefix(SYNC_PREFIX) not in NO_KERNEL_OPS for n in self.names)
+
+    @property
     def syncs(self) -> int:
         return sum(n.startswith(SYNC_PREFIX) for n in self.names)
 
@@ -94,7 +130,7 @@ class OpCounts:
         return Counter(self.names)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ops": self.ops, "syncs": self.syncs, "in_region": dict(self.in_region)}
+        return {"ops": self.ops, "launches": self.launches, "syncs": self.syncs, "in_region": dict(self.in_region)}
 
 
 class OpCounter(TorchDispatchMode):
