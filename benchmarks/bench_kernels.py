@@ -275,6 +275,25 @@ def _math_variants(device, compile_ok):
     return [("", "auto")] + ([(", eager math", "never")] if device.type == "cuda" else [])
 
 
+def liger_loss(triton_grpo_loss, logits, old, ref, ids, adv, mask, temperature=1.0, beta=0.0):
+    """Liger 0.8.5's ``triton_grpo_loss`` on the benchmark's loss (dapo, in-place backward, reduced)."""
+    return triton_grpo_loss(
+        logits,
+        old,
+        ref,
+        ids,
+        adv,
+        mask,
+        temperature=temperature,
+        beta=beta,
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        inplace=True,
+        loss_type="dapo",
+        reduce=True,
+    )[0]
+
+
 def _liger_grpo_loss():
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -397,21 +416,7 @@ def bench_logits_condition(run: Runner, shape, case: LogitsCase, cond: Condition
         return train_step(loss_fn, logits)
 
     def liger():
-        return triton_grpo_loss(
-            logits,
-            old,
-            ref,
-            ids,
-            adv,
-            mask,
-            temperature=temp,
-            beta=beta,
-            eps_low=EPS_LOW,
-            eps_high=EPS_HIGH,
-            inplace=True,
-            loss_type="dapo",
-            reduce=True,
-        )[0]
+        return liger_loss(triton_grpo_loss, logits, old, ref, ids, adv, mask, temp, beta)
 
     def ours(compile_math):
         return logits_surrogate_loss(
@@ -648,23 +653,7 @@ def bench_linear_shape(run: Runner, B, T, H, V, liger_fused_iters, compile_ok, c
     entry(
         "materialised logits + Liger triton_grpo_loss",
         lambda: (
-            step(
-                lambda: triton_grpo_loss(
-                    hidden @ weight.t(),
-                    old,
-                    None,
-                    ids,
-                    adv,
-                    mask,
-                    temperature=1.0,
-                    beta=0.0,
-                    eps_low=EPS_LOW,
-                    eps_high=EPS_HIGH,
-                    inplace=True,
-                    loss_type="dapo",
-                    reduce=True,
-                )[0]
-            )
+            step(lambda: liger_loss(triton_grpo_loss, hidden @ weight.t(), old, None, ids, adv, mask))
             if triton_grpo_loss
             else None
         ),

@@ -95,6 +95,17 @@ def _cases():
     ]
 
 
+def _triton_kwargs(d, with_classes, beta, temperature, compile_math) -> dict:
+    """The keyword arguments both vocabulary paths get for one case, on the Triton backend."""
+    return dict(
+        group_size=d["G"] if with_classes else None,
+        temperature=temperature,
+        ref_logp=d["ref"] if beta else None,
+        compile_math=compile_math,
+        backend="triton",
+    )
+
+
 def _oracle(cfg, logp64, d, with_classes, beta):
     return surrogate_loss(
         cfg,
@@ -127,19 +138,9 @@ def logits_path(device, B=8, T=64, V=32000, G=4, deadline=None) -> list[dict]:
             out64.loss.backward()
             for compile_math in compile_variants(device, dtype, name):
                 zk = z.clone().requires_grad_(True)
+                kw = _triton_kwargs(d, with_classes, beta, temperature, compile_math)
                 out = logits_surrogate_loss(
-                    cfg,
-                    zk,
-                    d["ids"],
-                    d["old"],
-                    d["adv"],
-                    d["mask"],
-                    group_size=d["G"] if with_classes else None,
-                    temperature=temperature,
-                    ref_logp=d["ref"] if beta else None,
-                    inplace_backward=False,
-                    compile_math=compile_math,
-                    backend="triton",
+                    cfg, zk, d["ids"], d["old"], d["adv"], d["mask"], inplace_backward=False, **kw
                 )
                 out.loss.backward()
                 loss_err = abs(float(out.loss) - float(out64.loss)) / max(abs(float(out64.loss)), 1e-30)
@@ -160,21 +161,8 @@ def logits_path(device, B=8, T=64, V=32000, G=4, deadline=None) -> list[dict]:
 def _linear_run(cfg, h, w, d, with_classes, beta, temperature, compile_math, chunk_tokens):
     h = h.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
-    out = linear_surrogate_loss(
-        cfg,
-        h,
-        w,
-        d["ids"],
-        d["old"],
-        d["adv"],
-        d["mask"],
-        group_size=d["G"] if with_classes else None,
-        temperature=temperature,
-        ref_logp=d["ref"] if beta else None,
-        chunk_tokens=chunk_tokens,
-        compile_math=compile_math,
-        backend="triton",
-    )
+    kw = _triton_kwargs(d, with_classes, beta, temperature, compile_math)
+    out = linear_surrogate_loss(cfg, h, w, d["ids"], d["old"], d["adv"], d["mask"], chunk_tokens=chunk_tokens, **kw)
     out.loss.backward()
     return out, h.grad, w.grad
 
