@@ -1,9 +1,10 @@
 """Input checks of the vocabulary paths, shared by the Triton kernels and their torch references.
 
 Static checks raise ``ValueError`` (``TypeError`` for a non-tensor) naming the argument at fault.
-The one value check that needs the data, token ids outside ``[0, V)`` at valid positions, is
-returned as a device flag (:func:`ids_out_of_range`) so that a loss can read it together with its
-own checks in one host sync; the standalone no-grad functions read it at once.  Ids at masked
+The value checks that need the data (token ids outside ``[0, V)`` at valid positions, non-finite
+log-probs there) are device flags (:func:`ids_out_of_range`) that a loss reads together with its
+own checks in one host sync; the standalone log-prob functions read them at once
+(:func:`raise_on_bad_logprobs`).  Ids at masked
 positions may hold anything (``-100`` included): :func:`masked_ids` replaces them before use.
 """
 
@@ -152,7 +153,23 @@ def ids_out_of_range(ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: i
     return bad.any()
 
 
-def raise_if_ids_out_of_range(ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: int) -> None:
-    """:func:`ids_out_of_range`, read at once (one host sync; for the standalone no-grad functions)."""
-    if ids.numel() and bool(ids_out_of_range(ids, mask, vocab_size)):
-        raise ValueError(IDS_OUT_OF_RANGE)
+def raise_on_bad_logprobs(
+    logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: int, source: str = "logits"
+) -> None:
+    """The value checks of a standalone log-prob function, read at once (one host sync): ids outside
+    ``[0, V)`` at valid positions (:func:`ids_out_of_range`), and NaN/inf log-probs there (NaN/inf
+    ``source`` values, or an all ``-inf`` row).  A loss reads the same flags with its own checks."""
+    if not ids.numel():
+        return
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    flags = torch.stack([ids_out_of_range(ids, mask, vocab_size), (~torch.isfinite(logp) & valid).any()])
+    if not flags.any().item():
+        return
+    bad_ids, bad_values = flags.tolist()
+    messages = [IDS_OUT_OF_RANGE] if bad_ids else []
+    if bad_values:
+        messages.append(
+            f"{source} give NaN/inf log-probs at valid (mask=1) positions (NaN/inf {source}, or a row "
+            "that is -inf everywhere)"
+        )
+    raise ValueError("; ".join(messages))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_linear, check_mask, check_temperature, raise_if_ids_out_of_range
+from .checks import check_linear, check_mask, check_temperature, raise_on_bad_logprobs
 from .logprob import check_device, logprob_backward, logprob_forward
 
 #: ``grad_fn(chunk_number, token_index, logp_chunk) -> dlogp_chunk`` (fp32, or None for zeros).
@@ -191,13 +191,12 @@ def linear_logprobs(
     """No-grad ``log_softmax((hidden W^T + b) / temperature)[ids]`` in fp32 (old / reference
     policies), chunked over the valid tokens; 0 where ``mask`` is 0.  ``hidden`` ``(B, T, H)``
     with ``ids`` ``(B, T)``, or ``(N, H)`` with ``ids`` ``(N,)`` / ``(B, T)``.  Ids outside
-    ``[0, V)`` at valid positions raise ``ValueError`` (one host sync)."""
+    ``[0, V)`` or NaN/inf log-probs at valid positions raise ``ValueError`` (one host sync)."""
     check_linear(hidden, weight, bias, ids)
     check_mask(mask, ids)
     check_device(hidden, "hidden")
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
-    raise_if_ids_out_of_range(ids, mask, weight.shape[0])
     valid = (
         torch.ones(ids.numel(), dtype=torch.bool, device=hidden.device)
         if mask is None
@@ -207,4 +206,6 @@ def linear_logprobs(
     out = fused_linear_logprob(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1), chunks, temperature=temperature
     )
-    return out.logp.view(ids.shape)
+    logp = out.logp.view(ids.shape)
+    raise_on_bad_logprobs(logp, ids, mask, weight.shape[0], source="hidden states and weight")
+    return logp

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .checks import SUPPORTED_LOGIT_DTYPES, check_logits, check_temperature, raise_if_ids_out_of_range
+from .checks import SUPPORTED_LOGIT_DTYPES, check_logits, check_temperature, raise_on_bad_logprobs
 
 
 def _interpret() -> bool:
@@ -329,7 +329,7 @@ def selective_logprob(
     temperature: float = 1.0,
     inplace: bool = False,
     *,
-    check_ids_range: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Differentiable ``log_softmax(logits / temperature).gather(-1, ids)`` in fp32, 0 where masked.
 
@@ -337,14 +337,14 @@ def selective_logprob(
     ``(N, V)``; fp32 / bf16 / fp16, any row strides, vocab stride 1.  ``ids`` / ``mask``
     ``(B, T)`` or ``(N,)``, any strides; masked ids may hold anything.  ``inplace=True`` writes the
     gradient into the logits buffer during backward (the logits values are destroyed; nothing else
-    may read them afterwards, and backward runs once).  ``check_ids_range``: raise ``ValueError``
-    for ids outside ``[0, V)`` at valid positions (one host sync; a loss that reads the flag of
-    :func:`~grpo_fix.kernels.checks.ids_out_of_range` with its own checks passes False).
+    may read them afterwards, and backward runs once).  ``check_values``: raise ``ValueError`` for
+    ids outside ``[0, V)`` or NaN/inf log-probs at valid positions (one host sync; a loss that reads
+    the same flags with its own checks passes False).
     """
-    if check_ids_range:
-        check_logits(logits, ids, mask)
-        raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
-    return _SelectiveLogProb.apply(logits, ids, mask, check_temperature(temperature), bool(inplace))
+    logp = _SelectiveLogProb.apply(logits, ids, mask, check_temperature(temperature), bool(inplace))
+    if check_values:
+        raise_on_bad_logprobs(logp, ids, mask, logits.shape[-1])
+    return logp
 
 
 @torch.no_grad()
@@ -352,8 +352,7 @@ def selective_logprob_nograd(
     logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """No-grad selected log-probs for the old / reference policy (no logsumexp saved); ids outside
-    ``[0, V)`` at valid positions raise ``ValueError``."""
-    check_logits(logits, ids, mask)
-    raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
+    ``[0, V)`` or NaN/inf log-probs at valid positions raise ``ValueError`` (one host sync)."""
     logp, _ = logprob_forward(logits, ids, mask, temperature, save_lse=False)
+    raise_on_bad_logprobs(logp, ids, mask, logits.shape[-1])
     return logp

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_linear, check_logits, raise_if_ids_out_of_range
+from .checks import check_linear, check_logits, check_mask, raise_on_bad_logprobs
 
 #: fp32 elements per chunk of rows (4 MiB).
 _CHUNK_ELEMENTS = 1 << 20
@@ -75,26 +75,27 @@ def selective_logprob_reference(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     *,
-    check_ids_range: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Differentiable ``log_softmax(logits / temperature).gather(-1, ids)`` in fp32 (fp64 for fp64
     logits), 0 where masked.
 
     ``logits`` ``(B, T, V)`` / ``(B, T + 1, V)`` (the last position is ignored) or packed
     ``(N, V)``, any float dtype; ``ids`` / ``mask`` ``(B, T)`` or ``(N,)``; masked ids may hold
-    anything.  ``check_ids_range``: raise ``ValueError`` for ids outside ``[0, V)`` at valid
-    positions (one host sync); a loss that reads :func:`~grpo_fix.kernels.checks.ids_out_of_range`
-    with its own checks passes False (such ids are then clamped for the gather).
+    anything.  ``check_values``: raise ``ValueError`` for ids outside ``[0, V)`` or NaN/inf
+    log-probs at valid positions (one host sync); a loss that reads the same flags with its own
+    checks passes False (out-of-range ids are then clamped for the gather).
     """
     check_logits(logits, ids, mask)
-    if check_ids_range:
-        raise_if_ids_out_of_range(ids, mask, logits.shape[-1])
     safe = (
         ids
         if mask is None
         else torch.where(mask.to(torch.bool), ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
     )
-    return _SelectiveLogProbReference.apply(logits, safe, mask, float(temperature))
+    logp = _SelectiveLogProbReference.apply(logits, safe, mask, float(temperature))
+    if check_values:
+        raise_on_bad_logprobs(logp, ids, mask, logits.shape[-1])
+    return logp
 
 
 def linear_logprob_reference(
@@ -105,15 +106,14 @@ def linear_logprob_reference(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    check_ids_range: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """:func:`selective_logprob_reference` of ``hidden @ weight.T + bias``, materialising the
     logits of the valid tokens only (masked hidden states never enter a GEMM, so NaN/inf there
     cannot reach the weight's gradient).  ``hidden`` ``(B, T, H)`` / ``(B * T, H)`` with ``(B, T)``
     ids, or ``(N, H)`` with ``(N,)`` ids."""
     check_linear(hidden, weight, bias, ids)
-    if check_ids_range:
-        raise_if_ids_out_of_range(ids, mask, weight.shape[0])
+    check_mask(mask, ids)
     pos = _valid_positions(ids, mask)
     rows = (
         hidden[pos]
@@ -123,8 +123,11 @@ def linear_logprob_reference(
         ]
     )
     logits = torch.nn.functional.linear(rows, weight, bias)
-    lp = selective_logprob_reference(logits, ids[pos], None, temperature, check_ids_range=False)
-    return torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device).index_put(pos, lp)
+    lp = selective_logprob_reference(logits, ids[pos], None, temperature, check_values=False)
+    logp = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device).index_put(pos, lp)
+    if check_values:
+        raise_on_bad_logprobs(logp, ids, mask, weight.shape[0], source="hidden states and weight")
+    return logp
 
 
 @torch.no_grad()

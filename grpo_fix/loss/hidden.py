@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.checks import IDS_OUT_OF_RANGE, check_linear, check_temperature, ids_out_of_range
+from ..kernels.checks import IDS_OUT_OF_RANGE, check_linear, check_mask, check_temperature, ids_out_of_range
 from ..kernels.linear import balanced_chunks, fused_linear_logprob
 from ..kernels.logprob import check_device
 from ..kernels.reference import linear_logprob_reference
@@ -95,6 +95,30 @@ def _strided_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     return flat, rows
 
 
+def input_checks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    vocab_size: int,
+) -> ValueChecks:
+    """Device flags of what the loss cannot see in the log-probs: out-of-range ids, and NaN/inf in
+    the weight, the bias or the hidden states of valid tokens (an inf weight element leaves the
+    log-probs finite but turns the hidden states' gradient into NaN).  No host sync."""
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    rows = hidden.reshape(*ids.shape, hidden.shape[-1]) if hidden.numel() else hidden
+    flags = [
+        ids_out_of_range(ids, mask, vocab_size),
+        ~torch.isfinite(weight).all() | (~torch.isfinite(bias).all() if bias is not None else False),
+        (~torch.isfinite(rows).all(-1) & valid).any() if hidden.numel() else torch.zeros((), dtype=torch.bool),
+    ]
+    return ValueChecks().extend(
+        [torch.as_tensor(f, device=hidden.device) for f in flags],
+        [IDS_OUT_OF_RANGE, "weight (lm_head) or bias has NaN/inf", "hidden has NaN/inf at valid (mask=1) positions"],
+    )
+
+
 def linear_surrogate_loss(
     cfg_or_loss_fn,
     hidden: torch.Tensor,
@@ -158,6 +182,7 @@ def linear_surrogate_loss(
             ref_logp=ref_logp,
         )
     V = check_linear(hidden, weight, bias, completion_ids, packed=lay is not None)
+    check_mask(mask, completion_ids)
     packed_mask = mask
     if lay is not None:
         completion_ids, mask = lay.pad(completion_ids, "completion_ids"), lay.pad(mask.to(torch.bool), "mask", False)
@@ -175,7 +200,7 @@ def linear_surrogate_loss(
         ref_logp,
         checks,
     )
-    id_check = ValueChecks().extend([ids_out_of_range(packed_ids, packed_mask, V)], [IDS_OUT_OF_RANGE])
+    id_check = input_checks(hidden, weight, bias, packed_ids, packed_mask, V)
     shape_like = torch.empty(mask.shape, device=hidden.device)
     is_ratio = as_token_weights("is_ratio", is_ratio, shape_like)
     policy_mask = as_token_weights("policy_mask", policy_mask, shape_like)
@@ -192,7 +217,7 @@ def linear_surrogate_loss(
     )
     if not use_triton(backend, hidden):
         logp = linear_logprob_reference(
-            hidden, weight, packed_ids, packed_mask, bias=bias, temperature=temperature, check_ids_range=False
+            hidden, weight, packed_ids, packed_mask, bias=bias, temperature=temperature, check_values=False
         )
         if lay is not None:
             logp = lay.pad(logp, "logp")

@@ -28,8 +28,8 @@ def vocab_logprob(
 ) -> torch.Tensor:
     """Differentiable selected log-probs on the chosen backend (inputs already checked)."""
     if triton:
-        return selective_logprob(logits, ids, mask, temperature, inplace, check_ids_range=False)
-    return selective_logprob_reference(logits, ids, mask, temperature, check_ids_range=False)
+        return selective_logprob(logits, ids, mask, temperature, inplace, check_values=False)
+    return selective_logprob_reference(logits, ids, mask, temperature, check_values=False)
 
 
 def classes_before_launch(

@@ -173,6 +173,11 @@ def surrogate_loss(
         entropy if bonus is not None else None,
         bonus,
     )
+    if found.flags is not None:  # the net under every check above: a non-finite loss is never returned silently
+        found = found.extend(
+            [~torch.isfinite(loss.detach())],
+            ["the loss is not finite (an input outside the checked ranges overflowed the math)"],
+        )
     out = SurrogateOutput(loss=loss, signal=signal, metrics=metrics, checks=found)
     if checks == "eager":
         out.raise_on_bad_input()

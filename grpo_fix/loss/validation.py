@@ -132,6 +132,16 @@ class ValueChecks:
         return ValueChecks(new, self.messages + tuple(messages))
 
 
+#: Bound on |log-probs| at valid positions: it keeps every ratio and KL term of Eq. 1 finite (a huge
+#: finite value would overflow them); real log-probs are far inside it.
+LOGP_BOUND = 1e6
+
+
+def _outside_logprob_range(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Some valid entry is NaN, inf or beyond :data:`LOGP_BOUND` (NaN fails the comparison too)."""
+    return (~(t.abs() <= LOGP_BOUND) & valid).any()
+
+
 def value_checks(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -160,18 +170,19 @@ def value_checks(
     growth = math.exp(ratio_bound(logp.dtype))
     checks: list[torch.Tensor | None] = [
         ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else None,
-        (~torch.isfinite(logp) & valid).any(),
-        (~torch.isfinite(old_logp) & valid).any() if old_logp is not None else None,
-        (~torch.isfinite(ref_logp) & valid).any() if ref_logp is not None else None,
+        _outside_logprob_range(logp, valid),
+        _outside_logprob_range(old_logp, valid) if old_logp is not None else None,
+        _outside_logprob_range(ref_logp, valid) if ref_logp is not None else None,
         (~torch.isfinite(adv) & valid).any(),
         (weighted.amax() * growth > torch.finfo(logp.dtype).max)
         | (weighted.sum() * growth * _OVERFLOW_MARGIN > torch.finfo(compute_dtype(logp.dtype)).max),
     ]
     messages = [
         "mask must contain only 0 and 1",
-        "logp has NaN/inf at valid (mask=1) positions",
-        "old_logp has NaN/inf at valid (mask=1) positions",
-        "ref_logp has NaN/inf at valid (mask=1) positions",
+        *(
+            f"{name} has NaN/inf at valid (mask=1) positions, or |values| > {LOGP_BOUND:g} (not log-probabilities)"
+            for name in ("logp", "old_logp", "ref_logp")
+        ),
         "advantages contain NaN/inf at valid (mask=1) positions",
         f"advantages are too large: alpha * |A| * ratio could overflow {logp.dtype} (the gradient) or the "
         "loss; normalise the rewards (group_advantages(..., scale='group')) or compute log-probs in float32",
