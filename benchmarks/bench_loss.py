@@ -29,7 +29,10 @@ forward and backward eager ops, host syncs, and the forward ops inside ``run_mat
 our loss that ``torch.compile`` fuses on CUDA; the rest stays eager).  Ratios are CPU ratios; on
 a GPU the op and sync counts matter more than the arithmetic.
 
-Writes ``benchmarks/results/loss_cpu.json`` and ``.md`` (``--out`` changes the path stem).
+Writes ``benchmarks/results/loss_cpu.json`` and ``.md`` (``--out`` changes the path stem).  To
+measure one commit while the checkout has other changes: ``git archive <commit>`` into a folder,
+``pip wheel --no-deps`` it, ``pip install --no-deps --target DIR`` the wheel, and run this script
+with ``PYTHONPATH=DIR`` and ``--source "<commit>"``.
 """
 
 from __future__ import annotations
@@ -438,10 +441,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS_DIR / "loss_cpu"), help="output path without suffix")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--source", default=None, help="what to record as the grpo-fix that ran (default: detected)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
     result = run(shapes, args.rounds, args.warmup)
+    if args.source:
+        result["meta"]["source"] = args.source
     md = to_markdown(result)
     print("\n" + md)
     if not args.no_write:
