@@ -19,8 +19,14 @@ import torch
 
 from .checks import check_linear, check_logits, check_mask, raise_on_bad_logprobs
 
-#: fp32 elements per chunk of rows (4 MiB).
+#: fp32 elements per chunk of rows (4 MiB) at most, and at most 1/16 of the rows, so that the
+#: temporaries of a chunk stay small against the logits (peak: the gradient, 1x the logits bytes).
 _CHUNK_ELEMENTS = 1 << 20
+_MIN_CHUNKS = 16
+
+
+def _chunk_rows(rows: int, vocab: int) -> int:
+    return max(1, min(_CHUNK_ELEMENTS // vocab, -(-rows // _MIN_CHUNKS)))
 
 
 def _valid_positions(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -37,12 +43,12 @@ class _SelectiveLogProbReference(torch.autograd.Function):
         cdt = torch.promote_types(logits.dtype, torch.float32)
         logp = torch.zeros(ids.shape, dtype=cdt, device=logits.device)
         lse = torch.empty(tgt.numel(), dtype=cdt, device=logits.device)
-        step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+        step = _chunk_rows(tgt.numel(), logits.shape[-1])
         for s in range(0, tgt.numel(), step):
             chunk = tuple(p[s : s + step] for p in pos)
-            x = logits[chunk].to(cdt)
+            x = logits[chunk].to(cdt)  # indexing copies: in-place ops below never touch the logits
             if temperature != 1.0:
-                x = x / temperature
+                x.div_(temperature)
             lse[s : s + step] = torch.logsumexp(x, dim=-1)
             logp[chunk] = x.gather(1, tgt[s : s + step, None]).squeeze(1) - lse[s : s + step]
         ctx.save_for_backward(logits, tgt, lse, *pos)
@@ -56,14 +62,14 @@ class _SelectiveLogProbReference(torch.autograd.Function):
         T = ctx.temperature
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         g_all = dlogp[tuple(pos)].to(lse.dtype) / T
-        step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+        step = _chunk_rows(tgt.numel(), logits.shape[-1])
         for s in range(0, tgt.numel(), step):
             chunk = tuple(p[s : s + step] for p in pos)
-            x = logits[chunk].to(lse.dtype)
+            d = logits[chunk].to(lse.dtype)  # a copy
             if T != 1.0:
-                x = x / T
+                d.div_(T)
             g = g_all[s : s + step, None]
-            d = torch.exp(x - lse[s : s + step, None]).mul_(-g)
+            d.sub_(lse[s : s + step, None]).exp_().mul_(-g)  # -softmax * g
             d.scatter_add_(1, tgt[s : s + step, None], g)
             grad[chunk] = d.to(grad.dtype)
         return grad, None, None, None
