@@ -65,6 +65,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def _loss_err(out, oracle) -> float:
+    """Relative difference of two outputs' losses."""
+    got, want = float(out.loss.detach()), float(oracle.loss.detach())
+    return abs(got - want) / max(abs(want), 1e-30)
+
+
 def make_batch(B: int, T: int, V: int, G: int, device, *, zero_groups: int = 0, seed: int = 0) -> dict:
     """Groups of G completions sharing prefixes, 0/1 mask (a few tokens masked per row), old and
     reference log-probs near -log V, group-normalised advantages; the first ``zero_groups`` groups
@@ -143,7 +149,7 @@ def logits_path(device, B=8, T=64, V=32000, G=4, deadline=None) -> list[dict]:
                     cfg, zk, d["ids"], d["old"], d["adv"], d["mask"], inplace_backward=False, **kw
                 )
                 out.loss.backward()
-                loss_err = abs(float(out.loss) - float(out64.loss)) / max(abs(float(out64.loss)), 1e-30)
+                loss_err = _loss_err(out, out64)
                 grad_err = _rel(zk.grad, z64.grad)
                 rows.append(
                     dict(
@@ -189,7 +195,7 @@ def linear_path(device, B=8, T=64, H=256, V=32000, G=4, deadline=None) -> list[d
             out64.loss.backward()
             for compile_math in compile_variants(device, dtype, name):
                 out, gh, gw = _linear_run(cfg, h, w, d, with_classes, beta, temperature, compile_math, chunk)
-                loss_err = abs(float(out.loss) - float(out64.loss)) / max(abs(float(out64.loss)), 1e-30)
+                loss_err = _loss_err(out, out64)
                 errs = (_rel(gh, h64.grad), _rel(gw, w64.grad))
                 rows.append(
                     dict(
