@@ -1,4 +1,5 @@
-"""TRL 1.16 parity: the grpo / bnpo / dr_grpo / dapo presets reproduce TRL's `_compute_loss`.
+"""TRL 1.16 parity of the presets alone (no trainer): grpo / bnpo / dr_grpo / dapo / cispo reproduce
+TRL's `_compute_loss` on float64 log-probs (the trainer-level matrix is ``test_trl_loss_parity.py``).
 
 TRL itself is called: `GRPOTrainer._compute_loss` is run as a plain function on a stand-in
 `self` that carries the attributes it reads, with `_get_per_token_logps_and_entropies` returning
@@ -12,7 +13,7 @@ import types
 import pytest
 import torch
 
-from grpo_fix import GroupSurrogateLoss
+from grpo_fix import GroupSurrogateLoss, Window
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
@@ -130,8 +131,7 @@ def test_presets_match_trl_compute_loss(loss_type, beta, delta, ga, spg, eps_hig
         mask,
         group_size=None,
         ref_logp=ref if beta else None,
-        num_window_tokens=num_items * ga / spg,  # what TRL 1.16 uses as the window size
-        num_micro_batches=ga,
+        window=Window(tokens=num_items * ga / spg, micro_batches=ga),  # TRL 1.16's window size
     )
     (grad,) = torch.autograd.grad(out.loss, logp)
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-6, atol=1e-9)

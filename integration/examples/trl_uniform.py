@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path or hub id (default: tiny random Qwen2 built in code)")
     p.add_argument("--loss-type", default="uniform")
-    p.add_argument("--no-prefix-consistent", dest="prefix_consistent", action="store_false")
+    p.add_argument("--no-prefix-consistent", dest="prefix_consistent", action="store_false", default=None)
     p.add_argument("--optimizer", default="clip_aware_adamw", choices=["clip_aware_adamw", "adamw"])
     p.add_argument("--backtrack", action="store_true")
     p.add_argument("--beta", type=float, default=0.0)
@@ -111,7 +111,14 @@ def main(argv=None) -> int:
     )
     trainer.train()
     if trainer.accelerator.is_main_process:
-        keys = ("loss", "reward", "clip_ratio/region_mean", "grpo_fix/kappa", "grpo_fix/w_agg_abs", "clip_aware/alpha")
+        keys = (
+            "loss",
+            "reward",
+            "clip_ratio/region_mean",
+            "grpo_fix/kappa",
+            "grpo_fix/w_agg_abs",
+            "clip_aware/effective_lr",
+        )
         for h in trainer.state.log_history:
             if "loss" in h:
                 print("step", h["step"], " ".join(f"{k}={h[k]:.4g}" for k in keys if k in h))

@@ -39,12 +39,27 @@ def main() -> None:
     G = 8
     batch = fixed_generation(tok, n_rows=8, group=G, seed=3)
     args = GRPOFixConfig(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, per_device_train_batch_size=2, num_generations=G,
-        gradient_accumulation_steps=2, max_completion_length=8, max_steps=1, report_to="none", save_strategy="no",
-        seed=0, gradient_checkpointing=False, num_iterations=2,
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=2,
+        num_generations=G,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        gradient_checkpointing=False,
+        num_iterations=2,
     )
-    trainer = GRPOFixTrainer(model=build_model(tok, seed=0), reward_funcs=reward_len, args=args,
-                             train_dataset=build_dataset(), processing_class=tok)
+    trainer = GRPOFixTrainer(
+        model=build_model(tok, seed=0),
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=build_dataset(),
+        processing_class=tok,
+    )
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     assert world == 2 and dist.get_world_size() == 2
 

@@ -1,4 +1,4 @@
-"""Worker for the TRL + DeepSpeed test: ``torchrun --nproc_per_node 2 trl_ds_worker.py STAGE OUT_JSON [KERNEL]``.
+"""Worker for the TRL + DeepSpeed test: ``torchrun --nproc_per_node 2 trl_ds_worker.py STAGE OUT_JSON [LOSS_BACKEND]``.
 
 Trains GRPOFixTrainer 3 optimizer steps (num_iterations=2, so later windows clip) under DeepSpeed
 ZeRO-STAGE on 2 gloo ranks and writes, from rank 0, a JSON report: the optimizer class that
@@ -43,7 +43,7 @@ def _patch_accelerate_for_cpu_multiprocess() -> None:
 def main() -> None:
     stage = int(sys.argv[1])
     out_path = sys.argv[2]
-    loss_kernel = sys.argv[3] if len(sys.argv) > 3 else "torch"
+    loss_backend = sys.argv[3] if len(sys.argv) > 3 else "torch"
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -69,8 +69,12 @@ def main() -> None:
     def recording_observe(self, signal, **k):
         orig_observe(self, signal, **k)
         observed.append(
-            {"kappa": float(signal.kappa), "rollout_start": bool(signal.rollout_start), "alpha": self.alpha,
-             "num_tokens": float(signal.num_tokens)}
+            {
+                "kappa": float(signal.kappa),
+                "rollout_start": bool(signal.rollout_start),
+                "alpha": self.alpha,
+                "num_tokens": float(signal.num_tokens),
+            }
         )
 
     ClipAwareAdamW.observe = recording_observe
@@ -86,8 +90,13 @@ def main() -> None:
         "bf16": {"enabled": False},
     }
     args = GRPOFixConfig(
-        output_dir=tempfile.mkdtemp(), num_iterations=2, deepspeed=ds_config, loss_kernel=loss_kernel,
-        clip_aware_tau=0.02, clip_aware_alpha_init=1.0, **TRAINER_BASE,
+        output_dir=tempfile.mkdtemp(),
+        num_iterations=2,
+        deepspeed=ds_config,
+        loss_backend=loss_backend,
+        clip_aware_tau=0.02,
+        clip_aware_alpha_init=1.0,
+        **TRAINER_BASE,
     )
     trainer = GRPOFixTrainer(
         model=model, reward_funcs=reward_len, args=args, train_dataset=build_dataset(), processing_class=tok
@@ -121,7 +130,7 @@ def main() -> None:
     changed = any(not torch.equal(a, b) for a, b in zip(after, before))
     report = {
         "rank": rank,
-        "linear_kernel": trainer._gf_linear,
+        "linear_kernel": trainer._gf_path.linear,
         "world": world,
         "num_processes": trainer.accelerator.num_processes,
         "deepspeed": bool(trainer.is_deepspeed_enabled),
@@ -134,7 +143,7 @@ def main() -> None:
         "attached_at_train_begin": at_train_begin.get("attached"),
         "load_repair_installed": at_train_begin.get("load_repaired"),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "logged_kappa": [h.get("clip_aware/kappa") for h in trainer.state.log_history if "loss" in h],
+        "logged_kappa": [h.get("grpo_fix/kappa") for h in trainer.state.log_history if "loss" in h],
     }
     reports = [None] * world
     dist.all_gather_object(reports, report)

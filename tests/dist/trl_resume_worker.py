@@ -35,12 +35,26 @@ def main() -> None:
 
     tok = build_tokenizer()
     args = GRPOFixConfig(
-        output_dir=run_dir, **{**TRAINER_BASE, "use_cpu": True, "per_device_train_batch_size": 2,
-                               "gradient_accumulation_steps": 2, "num_iterations": 2, "max_steps": K + 3,
-                               "save_strategy": "steps", "save_steps": K, "logging_steps": 1},
+        output_dir=run_dir,
+        **{
+            **TRAINER_BASE,
+            "use_cpu": True,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "num_iterations": 2,
+            "max_steps": K + 3,
+            "save_strategy": "steps",
+            "save_steps": K,
+            "logging_steps": 1,
+        },
     )
-    trainer = GRPOFixTrainer(model=build_model(tok, seed=0), reward_funcs=reward_len, args=args,
-                             train_dataset=build_dataset(), processing_class=tok)
+    trainer = GRPOFixTrainer(
+        model=build_model(tok, seed=0),
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=build_dataset(),
+        processing_class=tok,
+    )
     trainer.train(resume_from_checkpoint=resume)
     rank = trainer.accelerator.process_index
     opt = trainer.clip_aware_optimizer()
