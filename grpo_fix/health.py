@@ -19,8 +19,10 @@ with ``every > 1`` reports the right step but raises later; combine it with Clip
 ``nonfinite="skip"`` (the default: a non-finite gradient or signal never reaches the parameters
 or the optimizer state) so nothing is corrupted meanwhile, or use ``every=1`` to stop at once.
 
-A gradient norm that overflows (> ~1.8e19 in fp32) is reported as non-finite, as in
-ClipAwareAdamW's own check.
+Gradients are checked per element (:func:`grpo_fix.optim.finite.nonfinite_flags`, the check
+ClipAwareAdamW uses too): large finite gradients, whose L2 norm would overflow (an fp16 norm
+above 65,504, fp32 elements near 1e19), are not reported; sparse gradients are checked through
+their stored values.
 
 Transformers / TRL: :class:`HealthMonitorCallback` checks the accumulated gradients after every
 micro-batch's backward (``on_substep_end``; gradients accumulate and a non-finite value stays
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .optim.finite import nonfinite_flags
 from .signal import TENSOR_FIELDS, TrustRegionSignal
 
 __all__ = ["HealthMonitor", "HealthMonitorCallback"]
@@ -134,17 +137,8 @@ class HealthMonitor:
                 vals = torch.stack([t.double().reshape(()) for _, t in sel])
                 add(dev, ~torch.isfinite(vals), [f"signal field {f}" for f, _ in sel])
         named = _named_grads(parameters, grads)
-        if named:
-            gdev: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-            for n, g in named:
-                gdev.setdefault(g.device, []).append((n, g))
-            for dev, items in gdev.items():
-                norms = torch._foreach_norm([g.detach() for _, g in items], 2)
-                add(
-                    dev,
-                    ~torch.isfinite(torch.stack([x.float() for x in norms])),
-                    [f"gradient of parameter {n}" for n, _ in items],
-                )
+        for dev, (idx, bad) in nonfinite_flags([g for _, g in named]).items():
+            add(dev, bad, [f"gradient of parameter {named[i][0]}" for i in idx])
 
         flags = {d: torch.cat(fs) for d, fs in by_dev.items()}
         self._pending.append((step, micro_batch, host_bad, flags, labels_by_dev))

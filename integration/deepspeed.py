@@ -34,6 +34,7 @@ resumed run diverge (see :func:`_repair_zero3_universal_loads`).
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 __all__ = ["attach_deepspeed", "check_deepspeed_config", "clip_aware_deepspeed_config", "offload_device"]
@@ -131,7 +132,10 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
     Records the ZeRO stage, the data-parallel process group (used by
     ``optimizer.observe(signal, all_reduce=True)``) and whether backtracking is possible (only
     stage 0 in fp32, where the stepped tensors are the model's parameters); raises ``ValueError``
-    if ``backtrack=True`` cannot work.  Returns the optimizer.
+    if ``backtrack=True`` cannot work.  Records the engine too (a weak reference): a step the
+    engine skips itself, without calling ``optimizer.step()`` (an fp16 loss-scale overflow, or
+    ZeRO's own overflow check of a non-finite gradient), is counted in
+    ``optimizer.skipped_steps`` through ``engine.skipped_steps``.  Returns the optimizer.
     """
     from grpo_fix import ClipAwareAdamW
 
@@ -159,7 +163,12 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
             "re-measured ratios would not see the pulled-back step. Use backtrack=False (gate + "
             "controller) or ZeRO stage 0 in fp32"
         )
+    try:
+        engine_ref: Any = weakref.ref(engine)
+    except TypeError:  # an engine stand-in without weak-reference support
+        engine_ref = lambda: engine  # noqa: E731
     optimizer._deepspeed = {
+        "engine": engine_ref,  # read by optimizer.skipped_steps (the steps the engine skipped itself)
         "stage": stage,
         "process_group": group,
         "low_precision": low_precision,

@@ -55,6 +55,12 @@ def _check(rec, *, stage, dtype, world):
     alphas = [a for _, a in rec["ref_stats"]]
     assert alphas == pytest.approx([1.0, 0.5, 0.625, 0.5, 0.625])  # shrink, grow, reset at step 3, grow
     assert rec["ds"]["stage"] == stage
+    # a NaN gradient: skipped (by ZeRO's overflow check inside the engine, or by our step at
+    # stage 0), counted once in skipped_steps on every rank, nothing moved
+    for nan_step in rec["nan_step_per_rank"]:
+        assert nan_step["skipped"] == 1 and nan_step["moved"] == 0.0, nan_step
+        if stage > 0:
+            assert nan_step["engine_skipped"] == 1 and not nan_step["our_step_called"], nan_step
 
 
 @pytest.mark.parametrize("spec", SINGLE)

@@ -22,5 +22,6 @@ def test_fsdp2_shards_match_reference_and_skip_together(tmp_path):
         assert r["max_diff"] <= 1e-6, r  # the sharded steps equal the full-model optimizer
         assert r["stats"][-1] == pytest.approx(r["ref_final"], rel=1e-12)
         assert r["moved_after_nan"] is False and r["skipped"] == 1  # NaN on rank 1's shard: both skip
+        assert r["moved_after_huge"] is True  # 1e19 on rank 1's shard is finite: both step
     assert r0["stats"] == r1["stats"]  # identical kappa and alpha on both ranks
     assert r0["stats"][0][0] == pytest.approx(0.7) and r0["stats"][-1][1] < 1.0  # gate and controller active

@@ -33,7 +33,7 @@ ALLOWED = {
     "grpo_fix.signal": set(),
     "grpo_fix.loss": {"grpo_fix.loss", "grpo_fix.kernels"} | LEAVES,
     "grpo_fix.optim": {"grpo_fix.optim", "grpo_fix.kernels"} | LEAVES,
-    "grpo_fix.health": LEAVES,
+    "grpo_fix.health": LEAVES | {"grpo_fix.optim.finite"},
     "grpo_fix.lab": {"grpo_fix", "grpo_fix.lab", "grpo_fix.integration"},
     "grpo_fix.integration": {
         "grpo_fix",

@@ -14,7 +14,7 @@ from grpo_fix import ClipAwareAdamW
 from grpo_fix.kernels.adamw_step import triton_available
 from grpo_fix.kernels.reference import adamw_step_reference
 from grpo_fix.optim import clip_aware_adamw
-from grpo_fix.optim.controller import next_alpha
+from grpo_fix.optim.controller import next_alpha, next_stuck
 
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 SIZES = (3000, 5, 1024, 1)
@@ -108,12 +108,22 @@ def test_functional_rejects_mismatched_lists_and_ineligible_triton():
     clip_aware_adamw([], [], [], [], [], **HYPER)  # nothing to do
 
 
-def test_next_alpha_rule():
-    kw = dict(tau=0.05, shrink=0.5, grow=1.25)
+def test_next_alpha_rule_and_floor():
+    kw = dict(tau=0.05, shrink=0.5, grow=1.25, alpha_min=0.3)
     assert next_alpha(0.8, 0.06, informative=True, **kw) == pytest.approx(0.4)
     assert next_alpha(0.8, 0.05, informative=True, **kw) == 1.0  # f == tau is not above tau
     assert next_alpha(0.4, 0.0, informative=True, **kw) == pytest.approx(0.5)
     assert next_alpha(0.4, 0.0, informative=False, **kw) == 0.4  # nothing measured: held
+    assert next_alpha(0.4, 0.9, informative=True, **kw) == 0.3  # the floor
+
+
+def test_next_stuck_counts_overshooting_windows_at_the_floor():
+    kw = dict(tau=0.05, alpha_min=0.3)
+    assert next_stuck(0, 0.3, 0.5, informative=True, **kw) == 1
+    assert next_stuck(4, 0.3, 0.5, informative=True, **kw) == 5
+    assert next_stuck(4, 0.6, 0.5, informative=True, **kw) == 0  # above the floor: shrinking works
+    assert next_stuck(4, 0.3, 0.0, informative=False, **kw) == 4  # nothing measured: held
+    assert next_stuck(4, 0.3, 0.0, informative=True, **kw) == 0  # within the bound: recovered
 
 
 def test_kernel_keyword_is_deprecated_for_backend():

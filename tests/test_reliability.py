@@ -157,7 +157,7 @@ def test_monitor_with_surrogate_and_clip_aware_adamw_end_to_end():
         sig = TrustRegionSignal.zeros()
         for mb in range(2):
             x = torch.randn(4, 5, 6)
-            logp = lin(x).squeeze(-1) - 1.0
+            logp = torch.nn.functional.logsigmoid(lin(x).squeeze(-1))  # valid log-probs (<= 0)
             out = loss_fn(
                 logp, logp.detach() - 0.05, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, 5), group_size=None
             )

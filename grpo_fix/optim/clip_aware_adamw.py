@@ -15,13 +15,13 @@ correction open; the three mechanisms here are grpo-fix's, driven by the
    advantage mass (every advantage 0) gets ``kappa = 0`` (its gradient is zero, so a step would be
    carried momentum alone); a window with no tokens (``TrustRegionSignal.zeros()``) keeps
    ``kappa = 1``.  ``v`` is untouched.
-2. **controller**: a step multiplier ``alpha`` updated once per window at :meth:`observe` by
-   :func:`~grpo_fix.optim.controller.next_alpha` (shrink when the overshoot fraction exceeds
-   ``tau``, grow back towards 1 otherwise).  It starts at ``alpha_init`` (a warm start below 1
-   for runs that replay rollouts), is carried across rollout boundaries, and scales the Adam
-   step (``lr * alpha``), never ``group["lr"]`` (LR schedulers keep working) and never the
-   decoupled weight decay (which stays ``lr * weight_decay``: a regulariser that follows the LR
-   schedule, not how often the policy overshoots).
+2. **controller**: a step multiplier ``alpha`` in ``[alpha_min, 1]`` updated once per window at
+   :meth:`observe` (:mod:`grpo_fix.optim.controller`: shrink when the overshoot fraction exceeds
+   ``tau``, grow back towards 1 otherwise, never below the floor; a controller stuck at the floor
+   is reported).  It starts at ``alpha_init``, is carried across rollout boundaries, and scales
+   the Adam step (``lr * alpha``), never ``group["lr"]`` (LR schedulers keep working) and never
+   the decoupled weight decay (``lr * weight_decay``: a regulariser that follows the LR schedule,
+   not how often the policy overshoots).
 3. **backtrack** (opt-in, one extra no-grad forward per step): :mod:`grpo_fix.optim.backtrack`.
 
 The trainer calls :meth:`ClipAwareAdamW.observe` once per optimizer window with the window's
@@ -31,17 +31,16 @@ signal stays latched for every ``step()`` call until the next ``observe`` (DeepS
 ``torch.optim.AdamW``.  The defaults (``tau = 0.05``, no warm start, alpha carried, momentum not
 shrunk with alpha) were chosen on the toy task: ``benchmarks/results/overshoot_*.md``.
 
-State: torch's AdamW state schema (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``),
-so plain AdamW checkpoints load and ours load into AdamW.  Per group: ``ca_alpha`` (the
-controller), ``ca_started`` (the warm-start flag), ``ca_kappa`` / ``ca_f`` / ``ca_invalid`` (the
-latched window) and ``ca_skipped`` (skipped steps); per tensor a pending momentum shrink
-``ca_m_scale`` (``shrink_momentum=True``).  All are in the state dict.
+State: torch's AdamW schema (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so
+AdamW checkpoints load and ours load into AdamW; the per-group controller state
+(:mod:`grpo_fix.optim.group_state`) and a per-tensor pending momentum scale ``ca_m_scale`` ride
+along in the state dict.
 
-Non-finite input: ``nonfinite="skip"`` (default) skips a ``step()`` whose gradients are not all
-finite, leaving parameters and state untouched and counting it in :attr:`skipped_steps`; a
-non-finite signal invalidates its window (every step of it is skipped and counted).
-``"raise"`` raises instead.  Negative masses always raise.  ``GradScaler`` unscales and skips
-overflow steps itself (``_step_supports_amp_scaling`` is False).
+Non-finite input: ``nonfinite="skip"`` (default) skips a ``step()`` with a NaN or infinite
+gradient element (:mod:`grpo_fix.optim.finite`), leaving parameters and state untouched and
+counting it in :attr:`skipped_steps`; a non-finite signal invalidates its window (its steps are
+skipped and counted).  ``"raise"`` raises instead.  Negative masses always raise.
+``GradScaler`` unscales and skips overflow steps itself (``_step_supports_amp_scaling`` False).
 """
 
 from __future__ import annotations
@@ -55,16 +54,20 @@ import torch
 
 from ..options import Backend, deprecated
 from ..signal import TrustRegionSignal
-from .backtrack import backtrack_step
-from .controller import next_alpha
+from .backtrack import NonFiniteRemeasure, StepSnapshot, backtrack_step
+from .controller import CONTROLLER_SETTINGS, STUCK_WINDOWS, advance_controller, stuck_message
+from .finite import all_finite, raise_if_sparse
 from .functional import clip_aware_adamw
-from .group_state import fill_group
-from .hyperparameters import DEFAULTS, check_settings, defaults
+from .gate import read_window
+from .group_state import check_loaded_group, fill_group
+from .hyperparameters import DEFAULTS, check_adamw_settings, check_lr, check_settings, defaults
 
 __all__ = ["ClipAwareAdamW"]
 
 #: process-local attributes (not pickled): the backtrack callable and the DeepSpeed attachment
 _LOCAL_ATTRS: dict[str, Any] = {"_backtrack_fn": None, "_deepspeed": None}
+#: ``last_stats`` before the first window
+_FRESH_STATS = {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0, "stuck_windows": 0.0}
 
 
 class ClipAwareAdamW(torch.optim.AdamW):
@@ -90,8 +93,11 @@ class ClipAwareAdamW(torch.optim.AdamW):
         controller: apply the trust-region step multiplier ``alpha`` (default True).
         tau: the overshoot fraction above which ``alpha`` shrinks, and the backtrack's bound
             (default 0.05).
-        alpha_init: ``alpha`` before the first observed window, in (0, 1] (default 1.0; 0.1
-            warm-starts, for runs that give every rollout batch several optimizer steps).
+        alpha_init: ``alpha`` before the first observed window, in ``[alpha_min, 1]`` (default
+            1.0; 0.1 warm-starts, for runs that give every rollout batch several optimizer steps).
+        alpha_min: the floor of ``alpha``, in (0, 1] (default 1e-3); a window that overshoots
+            with alpha at the floor counts in ``last_stats["stuck_windows"]``, and the optimizer
+            warns once when 10 windows in a row do.
         backtrack: re-measure after every step with :meth:`set_backtrack_fn`'s callable and pull
             the step back while it overshoots (default False).
         shrink, grow: the controller's factors (default 0.5 and 1.25).
@@ -122,6 +128,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
     controller: bool
     tau: float
     alpha_init: float
+    alpha_min: float
     backtrack: bool
     shrink: float
     grow: float
@@ -152,6 +159,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         controller: bool = True,
         tau: float = 0.05,
         alpha_init: float = 1.0,
+        alpha_min: float = 1e-3,
         backtrack: bool = False,
         shrink: float = 0.5,
         grow: float = 1.25,
@@ -172,22 +180,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if kernel is not None:
             deprecated(f"ClipAwareAdamW(kernel={kernel!r})", f"backend={kernel!r}")
             backend = kernel  # type: ignore[assignment]
-        settings = check_settings(
-            dict(
-                gate=gate,
-                controller=controller,
-                tau=tau,
-                alpha_init=alpha_init,
-                backtrack=backtrack,
-                shrink=shrink,
-                grow=grow,
-                reset_on_rollout=reset_on_rollout,
-                shrink_momentum=shrink_momentum,
-                max_backtracks=max_backtracks,
-                nonfinite=nonfinite,
-                backend=backend,
-            )
-        )
+        check_adamw_settings(lr, betas, eps, weight_decay)
+        settings = check_settings({k: v for k, v in locals().items() if k in DEFAULTS})
         super().__init__(
             params,
             lr,
@@ -205,9 +199,22 @@ class ClipAwareAdamW(torch.optim.AdamW):
         self.__dict__.update(copy.deepcopy(_LOCAL_ATTRS))  # _deepspeed: set by attach_deepspeed
         # GradScaler must unscale and skip overflow steps itself (we pre-scale exp_avg).
         self._step_supports_amp_scaling = False
-        for group in self.param_groups:
-            fill_group(group)
-        self.last_stats = {"kappa": 1.0, "alpha": 1.0, "overshoot_fraction": 0.0, "backtracks": 0.0}
+        self.last_stats = dict(_FRESH_STATS)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``; the new group joins where the optimizer
+        stands: the current alpha, start flag, stuck count and latched window
+        (:mod:`grpo_fix.optim.group_state`)."""
+        super().add_param_group(param_group)
+        group, i = self.param_groups[-1], len(self.param_groups) - 1
+        if group.get("fused"):  # torch would refuse at the first step; refuse here, naming the parameter
+            for j, p in enumerate(group["params"]):
+                if not torch.is_floating_point(p):
+                    raise ValueError(
+                        f"fused=True needs real floating-point parameters, but param_groups[{i}]['params'][{j}] is "
+                        f"{p.dtype}; pass fused=False (foreach or single-tensor updates support it)"
+                    )
+        fill_group(group, like=self.param_groups[0] if i > 0 else None)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the settings and
@@ -225,11 +232,11 @@ class ClipAwareAdamW(torch.optim.AdamW):
         self.__dict__.update(extra)
         # load_state_dict passes through here too (keep what is set); an older or a plain AdamW
         # pickle lacks settings: their defaults
-        for k, v in {**defaults(), **_LOCAL_ATTRS, "last_stats": {"kappa": 1.0, "alpha": 1.0}}.items():
+        for k, v in {**defaults(), **_LOCAL_ATTRS, "last_stats": _FRESH_STATS}.items():
             self.__dict__.setdefault(k, copy.deepcopy(v))
         self._step_supports_amp_scaling = False
-        for group in self.param_groups:
-            fill_group(group, loaded=True)
+        for i, group in enumerate(self.param_groups):
+            check_loaded_group(group, i, self.alpha_min)
 
     # ------------------------------------------------------------------------------------------
     # the window's signal
@@ -244,16 +251,12 @@ class ClipAwareAdamW(torch.optim.AdamW):
         masses; a non-finite signal raises (``nonfinite="raise"``) or invalidates the window
         (``"skip"``: its steps are skipped, the controller is not updated).
         """
-        if not isinstance(signal, TrustRegionSignal):
-            raise TypeError(f"observe() expects a grpo_fix.TrustRegionSignal, got {type(signal).__name__}")
-        if all_reduce:
-            group = self._deepspeed.get("process_group") if self._deepspeed else None
-            signal = signal.all_reduce(group)
-        try:
-            signal.validate()
-        except ValueError:
-            if self.nonfinite == "raise" or signal.is_finite():  # negative masses always raise
-                raise
+        if all_reduce and isinstance(signal, TrustRegionSignal):
+            signal = signal.all_reduce(self._deepspeed.get("process_group") if self._deepspeed else None)
+        window = read_window(signal, gate=self.gate)
+        if not window.finite:
+            if self.nonfinite == "raise":
+                signal.validate()  # raises ValueError naming the non-finite fields
             warnings.warn(
                 f"ClipAwareAdamW: non-finite TrustRegionSignal, skipping this window's steps: {signal.as_dict()}",
                 RuntimeWarning,
@@ -262,28 +265,19 @@ class ClipAwareAdamW(torch.optim.AdamW):
             for group in self.param_groups:
                 group["ca_invalid"] = True
             return
-
-        massless = float(signal.num_tokens) > 0 and float(signal.total_mass) == 0.0
-        kappa = (0.0 if massless else float(signal.kappa)) if self.gate else 1.0
-        f = float(signal.overshoot_fraction)
-        informative = float(signal.num_eligible) > 0
-        shrunk = False
+        kappa, f = window.kappa, window.overshoot_fraction
+        shrunk, newly_stuck = False, False
+        controller_settings = {k: getattr(self, k) for k in CONTROLLER_SETTINGS}
         for group in self.param_groups:
-            group["ca_invalid"] = False
-            group["ca_kappa"] = kappa
-            group["ca_f"] = f
+            group["ca_invalid"], group["ca_kappa"], group["ca_f"] = False, kappa, f
             if self.controller:
-                if signal.rollout_start and self.reset_on_rollout:
-                    a = 1.0
-                elif not group["ca_started"]:
-                    a = self.alpha_init
-                else:
-                    a = float(group["ca_alpha"])
-                group["ca_started"] = True
-                group["ca_alpha"] = next_alpha(
-                    a, f, informative=informative, tau=self.tau, shrink=self.shrink, grow=self.grow
+                s, st = advance_controller(
+                    group, f, informative=window.informative, rollout_start=signal.rollout_start, **controller_settings
                 )
-                shrunk = shrunk or f > self.tau
+                shrunk, newly_stuck = shrunk or s, newly_stuck or st
+        if newly_stuck:
+            msg = stuck_message(STUCK_WINDOWS, alpha_min=self.alpha_min, tau=self.tau, overshoot_fraction=f)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
         if shrunk and self.shrink_momentum:
             # Momentum halving, applied lazily at each tensor's next step.  Walk self.state (keyed
             # by the stepped tensors, also the flat partitions that ZeRO-3 hides from the groups).
@@ -292,10 +286,11 @@ class ClipAwareAdamW(torch.optim.AdamW):
                     st["ca_m_scale"] = float(st.get("ca_m_scale", 1.0)) * self.shrink
         self.last_stats = {
             "kappa": kappa,
-            "alpha": float(self.param_groups[0]["ca_alpha"]) if self.param_groups else 1.0,
+            "alpha": self.alpha,
             "overshoot_fraction": f,
             "backtracks": 0.0,
             "skipped_steps": float(self.skipped_steps),
+            "stuck_windows": float(max((g["ca_stuck"] for g in self.param_groups), default=0)),
         }
 
     @property
@@ -304,8 +299,14 @@ class ClipAwareAdamW(torch.optim.AdamW):
 
         Counted per param group (``group["ca_skipped"]``, so it is in the state dict and survives a
         resume; under ZeRO each group's ``step()`` call counts for its group) and reported as the
-        maximum over groups, i.e. the number of skipped optimizer steps."""
-        return int(max((g.get("ca_skipped", 0) for g in self.param_groups), default=0))
+        maximum over groups, i.e. the number of skipped optimizer steps.  Under DeepSpeed
+        (:func:`~grpo_fix.integration.deepspeed.attach_deepspeed`) the steps the engine skipped
+        itself without calling ``step()`` (an fp16 loss-scale overflow, ZeRO's own overflow check)
+        are added: ``engine.skipped_steps``, which DeepSpeed keeps in its checkpoints."""
+        own = int(max((g.get("ca_skipped", 0) for g in self.param_groups), default=0))
+        engine = self._deepspeed.get("engine") if self._deepspeed else None
+        engine = engine() if engine is not None else None  # a weak reference
+        return own + int(getattr(engine, "skipped_steps", 0) or 0)
 
     @staticmethod
     def _count_skip(groups: list[dict[str, Any]]) -> None:
@@ -343,46 +344,68 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if any(g["ca_invalid"] for g in groups):
             self._count_skip(groups)
             return loss
-
-        collected = []
-        all_grads: list[torch.Tensor] = []
-        for group in groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                collected.append((group, params))
-                all_grads.extend(p.grad for p in params if p.grad is not None)
+        collected = self._groups_with_grads()
         if not collected:
             return loss
-        if not _all_finite(all_grads):
+        if not all_finite([p.grad for _, ps in collected for p in ps if p.grad is not None]):
             if self.nonfinite == "raise":
                 raise FloatingPointError("ClipAwareAdamW: non-finite gradient (nonfinite='raise')")
             self._count_skip(groups)
             return loss
+        if self.backtrack and self._backtrack_fn is not None:
+            self._backtracked_step(self._backtrack_fn, collected, groups)
+        else:
+            for group, _ in collected:
+                self._step_group(group)
+        return loss
 
-        bt_fn = self._backtrack_fn if self.backtrack else None
-        stepped: list[torch.Tensor] = []
-        before: list[torch.Tensor] = []
-        if bt_fn is not None:
-            if self._deepspeed is not None and self._deepspeed.get("refuse_backtrack"):
-                raise RuntimeError(self._deepspeed["refuse_backtrack"])
-            stepped = [p for _, ps in collected for p in ps]
-            before = [p.detach().clone() for p in stepped]
+    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        """Each group with parameters that have a gradient, and those parameters; ``TypeError``
+        for a sparse gradient and ``ValueError`` for an invalid lr, naming them."""
+        out = []
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if not torch.is_tensor(group["lr"]):  # a tensor lr was checked once, at construction
+                check_lr(group["lr"], group["weight_decay"], f"param_groups[{i}]['lr']")
+            raise_if_sparse(group["params"], i)
+            out.append((group, params))
+        return out
 
-        for group, _ in collected:
-            self._step_group(group)
-
-        if bt_fn is not None:
-            bound = max(self.tau, max(float(g["ca_f"]) for g, _ in collected))
+    def _backtracked_step(
+        self,
+        fn: Callable[[], TrustRegionSignal],
+        collected: list[tuple[dict[str, Any], list[torch.Tensor]]],
+        groups: list[dict[str, Any]],
+    ) -> None:
+        """The step with backtracking, all or nothing (:mod:`grpo_fix.optim.backtrack`)."""
+        if self._deepspeed is not None and self._deepspeed.get("refuse_backtrack"):
+            raise RuntimeError(self._deepspeed["refuse_backtrack"])
+        stepped = [p for _, ps in collected for p in ps]
+        snapshot = StepSnapshot(stepped, self.state)
+        try:
+            for group, _ in collected:
+                self._step_group(group)
             stats = backtrack_step(
-                bt_fn,
+                fn,
                 stepped,
-                before,
+                snapshot.values,
                 [self.state[p]["exp_avg"] for p in stepped],
-                bound=bound,
+                bound=max(self.tau, max(float(g["ca_f"]) for g, _ in collected)),
                 max_backtracks=self.max_backtracks,
             )
-            self.last_stats = dict(self.last_stats, **stats)
-        return loss
+        except NonFiniteRemeasure as err:
+            snapshot.restore(self.state)
+            if self.nonfinite == "raise":
+                raise
+            warnings.warn(f"{err}; the step is undone and counted as skipped", RuntimeWarning, stacklevel=3)
+            self._count_skip(groups)
+            return
+        except BaseException:
+            snapshot.restore(self.state)
+            raise
+        self.last_stats = dict(self.last_stats, **stats)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         params: list[torch.Tensor] = []
@@ -417,19 +440,3 @@ class ClipAwareAdamW(torch.optim.AdamW):
             backend=self.backend,
             has_complex=has_complex,
         )
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One host sync per device: are all gradients finite?
-
-    Uses the multi-tensor L2 norm: it is NaN/inf iff some element is, or if a tensor's norm
-    overflows (> ~1.8e19 in fp32/bf16), which is treated as non-finite too.
-    """
-    by_dev: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dev.setdefault(t.device, []).append(t)
-    for ts in by_dev.values():
-        norms = torch._foreach_norm(ts, 2)
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
-            return False
-    return True

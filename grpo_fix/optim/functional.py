@@ -148,8 +148,10 @@ def clip_aware_adamw(
         torch._foreach_mul_(ms, s)
     step_lr, step_wd = lr, weight_decay
     if alpha != 1.0:
-        step_lr = lr * alpha
-        step_wd = weight_decay / alpha  # torch's kernels decay by lr * wd: keep it lr * weight_decay
+        # torch's kernels decay by the lr they step with: decay by lr * weight_decay here
+        if weight_decay != 0:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        step_lr, step_wd = lr * alpha, 0.0
     _torch_adam(
         params,
         grads,

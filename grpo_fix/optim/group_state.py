@@ -1,18 +1,24 @@
 """The per-group state of :class:`grpo_fix.ClipAwareAdamW`, kept in its param groups (hence in
 the state dict, beside torch's hyperparameters).
 
-- ``ca_alpha``: the controller's step multiplier; ``ca_started``: whether a window has been
-  observed (before it, the controller starts from ``alpha_init``);
+- ``ca_alpha``: the controller's step multiplier, in ``[alpha_min, 1]``; ``ca_started``: whether a
+  window has been observed (before it, the controller starts from ``alpha_init``);
+  ``ca_stuck``: consecutive windows that overshot with alpha already at its floor;
 - ``ca_kappa``, ``ca_f``, ``ca_invalid``: the latched window (gate, overshoot fraction, whether
   its signal was non-finite);
 - ``ca_skipped``: the steps this group skipped for a non-finite gradient or signal.
+
+A group added later (:meth:`ClipAwareAdamW.add_param_group`, e.g. progressive unfreezing) joins
+the optimizer where it stands: the current alpha, start flag, stuck count and latched window,
+and no skipped steps of its own.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-__all__ = ["GROUP_DEFAULTS", "fill_group"]
+__all__ = ["GROUP_DEFAULTS", "check_loaded_group", "fill_group"]
 
 #: Each per-group key and its value for a group that has seen nothing.
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -22,16 +28,42 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "ca_invalid": False,
     "ca_skipped": 0,
     "ca_started": False,
+    "ca_stuck": 0,
 }
+#: What a group added later copies from the first group.
+_INHERITED = ("ca_alpha", "ca_kappa", "ca_f", "ca_invalid", "ca_started", "ca_stuck")
 
 
-def fill_group(group: dict[str, Any], *, loaded: bool = False) -> None:
-    """Add the missing per-group keys to ``group`` in place.
-
-    ``loaded=True`` for a group restored from a checkpoint: a checkpoint of an earlier
-    ClipAwareAdamW (``ca_alpha`` but no ``ca_started``) has started; a plain AdamW one has not,
-    and warm-starts at its first observed window."""
-    if loaded:
-        group.setdefault("ca_started", "ca_alpha" in group)
+def fill_group(group: dict[str, Any], *, like: dict[str, Any] | None = None) -> None:
+    """Add the missing per-group keys to ``group`` in place, from the group ``like`` (the
+    optimizer's first group, for a group added later) or the defaults."""
     for k, v in GROUP_DEFAULTS.items():
-        group.setdefault(k, v)
+        group.setdefault(k, like[k] if like is not None and k in _INHERITED else v)
+
+
+def check_loaded_group(group: dict[str, Any], index: int, alpha_min: float) -> None:
+    """Complete and validate a group restored from a checkpoint, in place.
+
+    A checkpoint of an earlier ClipAwareAdamW (``ca_alpha`` but no ``ca_started``) has started; a
+    plain AdamW one has none of the keys and starts like a new optimizer.  A corrupt value (a
+    non-finite, negative or > 1 ``ca_alpha``, a non-finite ``ca_kappa``) raises ``ValueError``;
+    an alpha below this optimizer's floor (saved by a release without one) is raised to the
+    floor with a ``RuntimeWarning``."""
+    group.setdefault("ca_started", "ca_alpha" in group)
+    fill_group(group)
+    where = f"param_groups[{index}]"
+    for key, lo in (("ca_alpha", 0.0), ("ca_kappa", 0.0), ("ca_f", 0.0)):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= 1.0:
+            raise ValueError(f"the loaded state dict has {where}['{key}'] = {value!r}; it must be a number in [0, 1]")
+    if group["ca_alpha"] < alpha_min:
+        warnings.warn(
+            f"ClipAwareAdamW: the loaded {where}['ca_alpha'] = {group['ca_alpha']:.3g} is below the floor "
+            f"alpha_min = {alpha_min}; continuing from the floor",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        group["ca_alpha"] = alpha_min
+    for key in ("ca_skipped", "ca_stuck"):
+        if isinstance(group[key], bool) or not isinstance(group[key], int) or group[key] < 0:
+            raise ValueError(f"the loaded state dict has {where}['{key}'] = {group[key]!r}; it must be an int >= 0")

@@ -177,6 +177,32 @@ def run_config(spec: str, rank: int, world: int):
         full = [p.detach().cpu().float().clone() for g in opt.param_groups for p in g["params"]]
     ref, ref_stats = reference(init_state, world, dtype, stage, kw)
     max_diff = max(float((a - b.reshape(a.shape)).abs().max()) for a, b in zip(ref, full))
+
+    calls_per_engine_step = step_calls[0] / STEPS
+    # one more step with a NaN gradient (rank 0's loss): ZeRO's overflow check skips it inside the
+    # engine, without calling our step(); stage 0 calls our step(), which skips it.  Either way it
+    # is counted once in skipped_steps and nothing moves.
+    x, y = batch(STEPS, world)
+    xs, ys = x[rank * MB:(rank + 1) * MB], y[rank * MB:(rank + 1) * MB]
+    if dtype == "bf16":
+        xs, ys = xs.to(torch.bfloat16), ys.to(torch.bfloat16)
+    loss = torch.nn.functional.mse_loss(engine(xs), ys)
+    if rank == 0:
+        loss = loss * float("nan")
+    engine.backward(loss)
+    opt.observe(local_signal(rank, STEPS), all_reduce=True)
+    calls_before = step_calls[0]
+    engine.step()
+    if stage > 0:
+        after_nan = [safe_get_full_fp32_param(p).detach().cpu().float()
+                     for g in param_groups(model) for p in g["params"]]
+    else:
+        after_nan = [p.detach().cpu().float().clone() for g in opt.param_groups for p in g["params"]]
+    moved_after_nan = max(float((a - b).abs().max()) for a, b in zip(full, after_nan))
+    nan_step = {"skipped": opt.skipped_steps, "engine_skipped": int(getattr(engine, "skipped_steps", 0)),
+                "our_step_called": step_calls[0] > calls_before, "moved": moved_after_nan}
+    all_nan_steps = [None] * world
+    torch.distributed.all_gather_object(all_nan_steps, nan_step)
     all_stats = [None] * world
     torch.distributed.all_gather_object(all_stats, stats)
     steps_in_state = sorted({float(st["step"]) for st in opt.state.values()})
@@ -187,9 +213,10 @@ def run_config(spec: str, rank: int, world: int):
         "stats_per_rank": all_stats,
         "ref_stats": ref_stats,
         "steps_in_state": steps_in_state,
-        "step_calls_per_engine_step": step_calls[0] / STEPS,
+        "step_calls_per_engine_step": calls_per_engine_step,
         "wrapper": type(engine.optimizer).__name__,
-        "ds": {k: v for k, v in opt._deepspeed.items() if k != "process_group"},
+        "ds": {k: v for k, v in opt._deepspeed.items() if k not in ("process_group", "engine")},
+        "nan_step_per_rank": all_nan_steps,
     }
     engine.destroy() if hasattr(engine, "destroy") else None
     return rec

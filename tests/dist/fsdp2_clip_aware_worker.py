@@ -4,7 +4,8 @@ ClipAwareAdamW on ``fully_shard`` parameters (DTensor shards, what verl's FSDP2 
 FSDP2 trainers hand the optimizer): (1) 4 steps with a signal that drives the gate and the
 controller (warm start on) equal the non-distributed optimizer on the full model, with the same
 kappa and alpha on both ranks; (2) a NaN planted in ONE rank's gradient shard makes EVERY rank
-skip the step (the finiteness check reduces over the shards), so the shards never diverge.
+skip the step (the finiteness check reduces over the shards), so the shards never diverge; (3) a
+huge finite element in one rank's shard (its L2 norm overflows) makes every rank step.
 """
 
 from __future__ import annotations
@@ -66,9 +67,19 @@ def main() -> None:
     opt.step()
     moved = any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, model.parameters()))
 
+    # (3) a huge but finite element in ONE rank's shard (the L2 norm overflows fp32): a finite
+    # gradient, so EVERY rank steps (the exact per-element check agrees over the shards)
+    opt.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()
+    if rank == world - 1:
+        next(model.parameters()).grad.to_local().view(-1)[0] = 1e19
+    before = [p.detach().to_local().clone() for p in model.parameters()]
+    opt.step()
+    moved_after_huge = all(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, model.parameters()))
+
     report = dict(rank=rank, world=world, is_dtensor=type(next(model.parameters())).__name__ == "DTensor",
                   max_diff=diff, stats=stats, ref_final=ref_stats, moved_after_nan=moved,
-                  skipped=opt.skipped_steps)
+                  skipped=opt.skipped_steps, moved_after_huge=moved_after_huge)
     reports = [None] * world
     dist.all_gather_object(reports, report)
     if rank == 0:
