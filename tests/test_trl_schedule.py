@@ -118,8 +118,28 @@ def test_group_permutation_keeps_groups():
         group_permutation(12, 5)
 
 
+def test_group_permutation_draws_what_trl_draws():
+    """Whole groups or not, the shuffle consumes TRL's random numbers: the RNG state after it is
+    the one after TRL's shuffle_sequence_dict, so later sampling is the same as stock TRL's."""
+    from trl.trainer.utils import shuffle_sequence_dict
+
+    torch.manual_seed(2)
+    group_permutation(12, 4)
+    ours = torch.rand(3)
+    torch.manual_seed(2)
+    shuffle_sequence_dict({"x": torch.arange(12)})
+    assert torch.equal(ours, torch.rand(3))
+    # and every group order is reachable, about equally often
+    seen = {}
+    for seed in range(600):
+        torch.manual_seed(seed)
+        key = tuple(group_permutation(6, 2).view(3, 2)[:, 0].tolist())
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == 6 and min(seen.values()) > 60
+
+
 def test_plain_permutation_draws_like_trl():
-    """Partial groups: the same random draw as TRL's shuffle_sequence_dict."""
+    """Partial groups: TRL's shuffle_sequence_dict itself."""
     from trl.trainer.utils import shuffle_sequence_dict
 
     batch = {"x": torch.arange(6), "y": list("abcdef"), "n": torch.tensor(3), "none": None}

@@ -3,9 +3,8 @@
 - **Rewards** must be finite or NaN: TRL reads NaN as "this reward function does not apply to this
   completion" (``nansum`` over functions), and that is kept; ``+-inf`` would make every advantage
   of its group NaN/inf, every step would be skipped (ClipAwareAdamW) or the parameters would become
-  NaN (AdamW), so it is refused with the reward function's name (:func:`check_rewards`).  Finite
-  rewards so large that the group statistics overflow are refused the same way
-  (:func:`check_advantages`).
+  NaN (AdamW), so it is refused with the reward function's name (:func:`check_rewards`), and so is
+  a finite reward whose square overflows float32 (the group's standard deviation would be inf).
 - **Prefix-consistent clipping** (:func:`prefix_consistent_inputs`): the advantages of completions
   that share a prefix inside a group are replaced, on the shared tokens, by their class mean, over
   whole groups (TRL spreads a group over processes: completion ids, masks and advantages are
@@ -17,35 +16,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from grpo_fix import prefix_consistent_advantages
 
+#: Largest reward magnitude whose square float32 holds (TRL computes group statistics in float32).
+FLOAT32_SQRT_MAX = math.sqrt(torch.finfo(torch.float32).max)
+
 
 def check_rewards(rewards_per_func: torch.Tensor, names: list[str]) -> None:
-    """``ValueError`` naming the reward function and completion of the first ``+-inf`` reward."""
-    bad = torch.isinf(rewards_per_func)
+    """``ValueError`` naming the reward function and completion of the first reward that is
+    ``+-inf``, or finite but so large that its square overflows float32 (TRL's group standard
+    deviation would be inf and every advantage of the group 0)."""
+    bad = torch.isinf(rewards_per_func.float().square())
     if not bool(bad.any()):
         return
     row, col = (int(i) for i in bad.nonzero()[0])
-    raise ValueError(
-        f"reward function {names[col]!r} returned {float(rewards_per_func[row, col])} for completion {row} of the "
-        "generation batch: rewards must be finite (NaN means 'not applicable' and is skipped, as in TRL). An "
-        "infinite reward makes its group's advantages NaN, so every optimizer step would be skipped; clip or "
-        "rescale the reward."
+    value = float(rewards_per_func[row, col])
+    why = (
+        "an infinite reward makes its group's advantages NaN, so every optimizer step would be skipped"
+        if math.isinf(value)
+        else "its square overflows float32, so the group's standard deviation is inf and every advantage 0"
     )
-
-
-def check_advantages(advantages: torch.Tensor, rewards: torch.Tensor | None = None) -> None:
-    """``ValueError`` when finite rewards gave non-finite advantages (overflow in the group statistics)."""
-    if bool(torch.isfinite(advantages).all()):
-        return
-    largest = "" if rewards is None else f" (largest |reward| {float(rewards.abs().nan_to_num(0.0).max()):.3g})"
     raise ValueError(
-        f"the advantages of this generation batch are not finite{largest}: the rewards are too large for the group "
-        "mean and standard deviation in float32. Rescale the reward functions (e.g. to [-1, 1])."
+        f"reward function {names[col]!r} returned {value:.3g} for completion {row} of the generation batch: rewards "
+        f"must be finite and below {FLOAT32_SQRT_MAX:.2g} in magnitude (NaN means 'not applicable' and is skipped, "
+        f"as in TRL); {why}. Clip or rescale the reward (e.g. to [-1, 1])."
     )
 
 

@@ -146,12 +146,21 @@ def set_window_tokens(
 
 def group_permutation(num_rows: int, group_size: int | None) -> torch.Tensor:
     """A random row order that keeps each block of ``group_size`` consecutive rows together and in
-    order (``None``: a plain row permutation, TRL's shuffle).  Uses the global torch RNG."""
+    order (``None``: TRL's plain row permutation).
+
+    It draws exactly what TRL's ``shuffle_sequence_dict`` draws (one ``torch.randperm(num_rows)``
+    from the global RNG) and orders the groups by their first row in that permutation, which is a
+    uniformly random group order; so the swap consumes the same random numbers as stock TRL and
+    samples the same completions afterwards.
+    """
+    rows = torch.randperm(num_rows)
     if group_size is None:
-        return torch.randperm(num_rows)
+        return rows
     if num_rows % group_size:
         raise ValueError(f"{num_rows} rows do not split into groups of {group_size}")
-    groups = torch.randperm(num_rows // group_size)
+    first = torch.full((num_rows // group_size,), num_rows, dtype=torch.long)
+    first.scatter_reduce_(0, rows // group_size, torch.arange(num_rows), reduce="amin")
+    groups = torch.argsort(first)
     return (groups[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
 
 

@@ -177,7 +177,6 @@ class GRPOFixTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         out = super()._generate_and_score_completions(inputs)
-        generation.check_advantages(out["advantages"])
         if self.args.prefix_consistent:
             group: Any = self.num_generations if self._training() else self.num_generations_eval
             weights = out.get("importance_sampling_ratio")
