@@ -103,3 +103,24 @@ def test_num_iterations_zero_never_reaches_train(tmp_path, tok):
     """Before: accepted, and ``train()`` silently did nothing."""
     with pytest.raises(ValueError, match="num_iterations must be an int >= 1"):
         make_trainer(tmp_path, tok, num_iterations=0)
+
+
+def test_partial_groups_say_why_w_agg_is_absent(tmp_path, tok, caplog):
+    """per_device_train_batch_size < num_generations: micro-batches hold partial groups, so W_agg
+    cannot be measured; the trainer says so once instead of dropping the metric silently."""
+    trainer = make_trainer(tmp_path, tok, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="grpo_fix.integration.trl.trainer"):
+        trainer.train()
+    assert caplog.text.count("grpo_fix/w_agg is not logged: micro-batches hold partial groups") == 1
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and not any("grpo_fix/w_agg" in h for h in logs) and all("grpo_fix/kappa" in h for h in logs)
+
+
+def test_effective_learning_rate_is_logged_beside_trl_learning_rate(tmp_path, tok):
+    """num_iterations=2 warm-starts the controller at alpha = 0.1: the step size the parameters see
+    is lr * alpha, logged as clip_aware/effective_lr next to TRL's learning_rate."""
+    trainer = make_trainer(tmp_path, tok, num_iterations=2, max_steps=2, lr_scheduler_type="constant")
+    trainer.train()
+    first = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert first["clip_aware/alpha"] <= 0.125
+    assert first["clip_aware/effective_lr"] == pytest.approx(first["learning_rate"] * first["clip_aware/alpha"])
