@@ -318,6 +318,36 @@ def test_prefix_consistent_advantages_at_generation(tmp_path, tok, patch_generat
     assert not torch.allclose(out["advantages"][valid], plain[valid])  # it did change shared prefixes
 
 
+@pytest.mark.parametrize("prefix_consistent", [True, False])
+def test_vllm_token_weights_keep_the_shared_prefix_cancelling(prefix_consistent, tmp_path, tok, patch_generation):
+    """vLLM's per-token weights differ across completions on the same shared prefix only by the
+    sampler's noise; prefix-consistent clipping replaces them by their class mean (so a class
+    clips and weighs as one token) and the whole-group prefix still cancels exactly (W_agg = 0,
+    Prop. 1).  Without it the weights are left as the sampler gave them."""
+    batch = fixed_generation(tok, n_rows=8, seed=6)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.exp(0.1 * torch.randn(batch["completion_mask"].shape, generator=g)) * batch["completion_mask"]
+    patch_generation(dict(batch, importance_sampling_ratio=weights.clamp(min=1e-3)))
+    trainer = make_trainer(
+        tmp_path,
+        tok,
+        per_device_train_batch_size=8,
+        prefix_consistent=prefix_consistent,
+        use_vllm=False,
+        vllm_importance_sampling_mode="token_truncate",
+    )
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True  # as TRL sets them for use_vllm
+    run_window(trainer, 1)
+    inputs = trainer._gf_buffer.micro_batch(0)
+    shared = inputs["importance_sampling_ratio"][:, :2]  # the two tokens each whole group shares
+    group_spread = shared.view(-1, 4, 2).amax(1) - shared.view(-1, 4, 2).amin(1)
+    w_agg = abs(trainer._metrics["train"]["grpo_fix/w_agg_abs"][-1])
+    if prefix_consistent:
+        assert float(group_spread.max()) < 1e-6 and w_agg < 1e-7
+    else:
+        assert float(group_spread.max()) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------
 # logits-free Triton loss inside the model's forward (CUDA default; CPU under TRITON_INTERPRET=1)
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ Per optimizer window (its last micro-batch), grpo-fix's:
 - ``grpo_fix/w_agg``, ``grpo_fix/w_agg_abs``: the shared-prefix gradient aggregate of Prop. 1
   (0 for the corrected loss), when micro-batches hold whole groups;
 - ``clip_aware/alpha`` (the controller's step multiplier) and ``clip_aware/effective_lr``
-  (``learning_rate * alpha``: the step size the parameters see), with ClipAwareAdamW.
+  (``learning_rate * alpha``: the step size the parameters see), with ClipAwareAdamW; its counters
+  ``clip_aware/skipped_steps`` (steps skipped for a non-finite gradient or signal) and
+  ``clip_aware/stuck_windows`` (overshooting windows with alpha at its floor) once they are not 0.
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ class WindowAccumulator:
 
 
 def log_window(
-    metrics: Metrics, signal: TrustRegionSignal, w_agg: torch.Tensor | None, alpha: float | None, lr: float
+    metrics: Metrics,
+    signal: TrustRegionSignal,
+    w_agg: torch.Tensor | None,
+    optimizer_stats: dict[str, float] | None,
+    lr: float,
 ) -> None:
-    """The window metrics (module docstring); ``w_agg`` already summed over processes."""
+    """The window metrics (module docstring); ``w_agg`` already summed over processes;
+    ``optimizer_stats``: ClipAwareAdamW's ``last_stats`` after it observed the window."""
     d = signal.as_dict()
     metrics["grpo_fix/kappa"].append(float(d["kappa"]))
     metrics["grpo_fix/overshoot_fraction"].append(float(d["overshoot_fraction"]))
@@ -73,9 +80,13 @@ def log_window(
     if w_agg is not None:
         metrics["grpo_fix/w_agg"].append(float(w_agg[0]))
         metrics["grpo_fix/w_agg_abs"].append(float(w_agg[1]))
-    if alpha is not None:
+    if optimizer_stats is not None:
+        alpha = float(optimizer_stats["alpha"])
         metrics["clip_aware/alpha"].append(alpha)
         metrics["clip_aware/effective_lr"].append(lr * alpha)
+        for name in ("skipped_steps", "stuck_windows"):  # counters: logged once they are not 0
+            if optimizer_stats.get(name, 0.0) > 0:
+                metrics[f"clip_aware/{name}"].append(float(optimizer_stats[name]))
 
 
 @torch.no_grad()

@@ -395,9 +395,9 @@ class GRPOFixTrainer(GRPOTrainer):
             opt.observe(signal)
             if opt.backtrack:
                 opt.set_backtrack_fn(self._backtrack_fn(model, inputs, mask, kw))
-        alpha = None if opt is None else opt.alpha
+        stats = None if opt is None else opt.last_stats
         lr = float(opt.param_groups[0]["lr"]) if opt is not None and opt.param_groups else 0.0
-        metrics.log_window(self._metrics["train"], signal, w_agg, alpha, lr)
+        metrics.log_window(self._metrics["train"], signal, w_agg, stats, lr)
 
     def _backtrack_fn(self, model: Any, inputs: dict[str, Any], mask: torch.Tensor, kw: dict) -> Any:
         """The no-grad re-measure ClipAwareAdamW's backtrack calls after a step: the last
