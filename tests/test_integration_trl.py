@@ -494,13 +494,19 @@ def test_trl_deepspeed_zero3_linear_kernel(tmp_path):
 
 
 @pytest.mark.distributed
-def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
+@pytest.mark.parametrize("loss_backend", ["torch", "triton"])
+def test_trl_ddp_two_ranks_group_split_across_ranks(loss_backend, tmp_path):
     """A group of 8 spread over 2 ranks: gathered prefix-consistent advantages, the global window
-    count and dp_size scaling give exactly the single-process gradient of the corrected loss."""
+    count and dp_size scaling give exactly the single-process gradient of the corrected loss; the
+    logits-free loss runs through DistributedDataParallel's forward (Triton interpreter on CPU)."""
+    if loss_backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     out = tmp_path / "ddp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out)]
+    cmd = torchrun(2) + [os.path.join(HERE, "dist", "trl_ddp_worker.py"), str(out), loss_backend]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(out.read_text())
@@ -508,6 +514,7 @@ def test_trl_ddp_two_ranks_group_split_across_ranks(tmp_path):
     assert r["kappa"] < 1.0 and r["grad_scale"] > 1e-3
     assert abs(r["loss"] - r["ref_loss"]) < 1e-6
     assert r["max_grad_diff"] < 1e-6
+    assert r["linear"] == (loss_backend == "triton")
 
 
 # ------------------------------------------------------------------------------------------------

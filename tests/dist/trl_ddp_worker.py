@@ -1,4 +1,4 @@
-"""Worker: ``torchrun --nproc_per_node 2 trl_ddp_worker.py OUT_JSON`` (plain DDP on CPU, gloo).
+"""Worker: ``torchrun --nproc_per_node 2 trl_ddp_worker.py OUT_JSON [LOSS_BACKEND]`` (DDP on CPU, gloo).
 
 One fixed generation batch of 8 completions = ONE group of 8 spread over the 2 ranks (4 rows
 each, 2 micro-batches of 2 per rank, one optimizer window).  Each rank runs TRL's buffering and
@@ -6,7 +6,9 @@ our ``_compute_loss`` over its window and back-propagates; the gradients are ave
 as DDP does.  Rank 0 compares with the single-process reference: the corrected loss over all 8
 rows in one call with prefix-consistent advantages computed over the whole group.  Exercises the
 cross-process gather of the prefix-consistent advantages, the global window token count and the
-``dp_size`` scaling.
+``dp_size`` scaling.  With ``LOSS_BACKEND=triton`` (the logits-free loss, Triton interpreter)
+the model is wrapped in ``DistributedDataParallel`` and the loss runs through its forward, so DDP
+averages the gradients itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 def main() -> None:
     out_path = sys.argv[1]
+    loss_backend = sys.argv[2] if len(sys.argv) > 2 else "torch"
     import trl
     from tiny_trl import build_dataset, build_model, build_tokenizer, exit_after_barrier, fixed_generation, reward_len
 
@@ -52,6 +55,7 @@ def main() -> None:
         seed=0,
         gradient_checkpointing=False,
         num_iterations=2,
+        loss_backend=loss_backend,
     )
     trainer = GRPOFixTrainer(
         model=build_model(tok, seed=0),
@@ -74,8 +78,10 @@ def main() -> None:
         return out
 
     trl.GRPOTrainer._generate_and_score_completions = fake
-    model = trainer.model
-    model.train()
+    inner = trainer.model
+    inner.train()
+    ddp = loss_backend == "triton"
+    model = torch.nn.parallel.DistributedDataParallel(inner) if ddp else inner
     trainer.current_gradient_accumulation_steps = 2
     local_loss = 0.0
     window_tokens = []
@@ -86,15 +92,17 @@ def main() -> None:
         loss = trainer._compute_loss(model, inputs)
         loss.backward()
         local_loss += loss.item()
-    names = [n for n, p in model.named_parameters() if p.grad is not None]
-    grads = torch.cat([model.get_parameter(n).grad.reshape(-1) for n in names])
-    dist.all_reduce(grads)
-    grads /= world  # DDP averages
+    names = [n for n, p in inner.named_parameters() if p.grad is not None]
+    grads = torch.cat([inner.get_parameter(n).grad.reshape(-1) for n in names])
+    if not ddp:  # average as DDP does
+        dist.all_reduce(grads)
+        grads /= world
     total_loss = torch.tensor(local_loss)
     dist.all_reduce(total_loss)
 
     report = {}
     if rank == 0:
+        model = inner
         model.zero_grad(set_to_none=True)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -113,6 +121,7 @@ def main() -> None:
             "max_grad_diff": float((grads - ref_grads).abs().max()),
             "grad_scale": float(ref_grads.abs().max()),
             "kappa": float(ref.signal.kappa),
+            "linear": trainer._gf_path.linear,
         }
         with open(out_path, "w") as f:
             json.dump(report, f)
