@@ -20,7 +20,8 @@ EXPERIMENTS = {
     "prefix-bias": ("grpo_fix.lab.experiments.prefix_bias", "net gradient on prefixes shared by a group (Prop. 1)"),
     "reward-scale": ("grpo_fix.lab.experiments.reward_scale", "AdamW makes training reward-scale blind (Prop. 2)"),
     "overshoot": ("grpo_fix.lab.experiments.overshoot", "momentum carries ratios past the clip region (Prop. 3)"),
-    "lr-robustness": ("grpo_fix.lab.experiments.lr_robustness", "collapsed runs per learning rate (Prop. 3)"),
+    "fair-optimizer": ("grpo_fix.lab.experiments.fair", "AdamW vs ClipAwareAdamW, each at its validated lr"),
+    "length-bias": ("grpo_fix.lab.experiments.length_bias", "grpo vs dapo vs uniform in training (Prop. 1)"),
 }
 BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py", "bench_train_step.py")
 SOURCE_HELP = (

@@ -1,186 +1,170 @@
-"""Experiment 3 (paper Prop. 3 / Prop. 7, Eqs. 29-37): momentum carries ratios past the clip region.
+"""Experiment 3 (paper Prop. 3 / Prop. 7, Eqs. 29-37): how far the policy drifts past the clip region
+as the number of optimizer steps per rollout batch (mu) grows, each arm at its own learning rate.
 
-Protocol: the toy GRPO task (:mod:`grpo_fix.experiments.loop`), ``mu`` optimizer steps per rollout
-batch (each on the whole batch, exact window normaliser, preset ``uniform``), for mu in
-{1, 2, 4, 8} and the optimizers of :mod:`grpo_fix.experiments.baselines`: AdamW, ClipAwareAdamW
-(gate only; gate + controller, the default; backtrack) and prior art (Adam moments reset at each
-rollout boundary; beta1 = 0; cautious masking), over several seeds.  Before every step after the
-first of a batch we measure on the whole batch
-
-- the overshoot fraction: tokens beyond the clip region in their advantage's direction
-  (``A > 0, s > 1 + eps`` or ``A < 0, s < 1 - eps``: paper Eq. 28's R_clip), over tokens with A != 0,
-- the max excess of ``|log s|`` past the boundary,
-
-and after the fixed budget the mean reward of the last 3 rollouts.  ``max_excess`` is the largest
-excess over the whole run, ``mean_max_excess`` the per-step maximum averaged over steps.  Wall
-times are in the JSON only: they are not comparable when other jobs share the CPU.  At mu = 1 every step is
-on-policy, so the overshoot is 0 by construction.  The table also lists, per inner step k, the
-AdamW overshoot next to Prop. 3's residual step factor ``(beta1/sqrt(beta2))^(k+1)``.
+Protocol: the toy task of :mod:`.loop` (preset ``uniform``, whole-batch windows, 25 rollouts), mu
+in {1, 2, 4, 8}, each arm at the lr given on the command line or at its validated lr of the fair
+protocol (``--from-fair fair_toy.json``: AdamW, ClipAwareAdamW's defaults and the selected
+candidate).  Comparing optimizers at one nominal lr is not fair: ClipAwareAdamW's controller
+takes a fraction alpha of the step, so an equal lr is a smaller effective step.  Reported per
+(mu, arm), mean and sample SD over the seeds: the overshoot fraction and the max ``|log s|``
+excess measured before every inner step after the first, the same two re-scored read-only at
+batch end (after the last step, the policy the next rollout samples from), the share of tokens
+outside the clip range at batch end, the mean step multiplier, the reward; per mu the ratio of
+AdamW's batch-end overshoot to each arm's with a paired 95 % bootstrap interval; and AdamW's
+overshoot per inner step k next to Prop. 3's residual step factor ``(beta1/sqrt(beta2))^(k+1)``.
+At mu = 1 every step is on-policy, so the per-step overshoot is 0 by construction; the batch-end
+re-score still measures how far one step moved.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from .. import arith, toy
 from .baselines import OPTIMIZERS
-from .loop import RunConfig, train
+from .grid import run_all
+from .loop import RunConfig
+from .protocol import BASELINE, DEFAULT
 from .report import markdown_table, write_results
+from .stats import mean_ratio, paired_bootstrap, sample_sd
+
+REPORTED = (
+    "overshoot_step",
+    "overshoot_end",
+    "max_excess_step",
+    "max_excess_end",
+    "outside_end",
+    "alpha_mean",
+    "reward_mean",
+    "reward_final",
+)
 
 
-def run(mus, optimizers, seeds, rollouts: int, lr: float, progress=None) -> list[dict]:
-    rows = []
-    for mu in mus:
-        for name in optimizers:
-            results = []
-            for seed in seeds:
-                res = train(
-                    RunConfig(preset="uniform", optimizer=name, inner_steps=mu, rollouts=rollouts, lr=lr, seed=seed)
-                )
-                results.append(res)
-                if progress:
-                    progress(f"mu={mu} {name} seed={seed}: {res.summary()}")
-            summaries = [r.summary() for r in results]
-            per_step = {}
-            for r in results:
-                for s in r.steps:
-                    per_step.setdefault(s["inner"], []).append(s["overshoot_fraction"])
-            rows.append(
-                {
-                    "mu": mu,
-                    "optimizer": name,
-                    "overshoot_fraction": statistics.mean(s["overshoot_fraction"] for s in summaries),
-                    "max_excess": statistics.mean(s["max_excess"] for s in summaries),
-                    "mean_max_excess": statistics.mean(s["mean_max_excess"] for s in summaries),
-                    "reward_start": statistics.mean(s["reward_start"] for s in summaries),
-                    "reward_final": statistics.mean(s["reward_final"] for s in summaries),
-                    "reward_final_sd": statistics.pstdev(s["reward_final"] for s in summaries),
-                    "seconds": statistics.mean(s["seconds"] for s in summaries),
-                    "overshoot_by_inner_step": {k: statistics.mean(v) for k, v in sorted(per_step.items())},
-                    "reward_curve": [statistics.mean(c) for c in zip(*(r.rewards for r in results))],
-                    "seeds": len(seeds),
-                }
-            )
-    return rows
+def arms_from_fair(path: Path) -> dict[str, float]:
+    """``{arm: validated lr}`` of AdamW, the defaults and the selected candidate in a fair-protocol JSON."""
+    rep = json.loads(path.read_text())
+    curves, selected = rep["validation"]["curves"], rep["validation"]["selected"]
+    return {a: float(curves[a]["best_lr"]) for a in dict.fromkeys([BASELINE, DEFAULT, selected or DEFAULT])}
 
 
-def ratios_vs_adamw(rows: list[dict], mu: int) -> list[dict]:
-    """Reduction factors of each optimizer against AdamW at one mu (> 1 is better)."""
-    base = next((r for r in rows if r["mu"] == mu and r["optimizer"] == "adamw"), None)
-    if base is None:
-        return []
-    out = []
-    for r in rows:
-        if r["mu"] != mu:
-            continue
-        div = lambda a, b: a / b if b > 0 else float("inf")  # noqa: E731
-        out.append(
-            {
-                "optimizer": r["optimizer"],
-                "overshoot_reduction": div(base["overshoot_fraction"], r["overshoot_fraction"]),
-                "max_excess_reduction": div(base["max_excess"], r["max_excess"]),
-                "mean_max_excess_reduction": div(base["mean_max_excess"], r["mean_max_excess"]),
-                "reward_final": r["reward_final"],
-                "reward_final_sd": r["reward_final_sd"],
-            }
-        )
+def parse_arms(items: list[str]) -> dict[str, float]:
+    """``["adamw=0.01", ...]`` -> ``{"adamw": 0.01, ...}`` (``ValueError`` naming a bad item)."""
+    out = {}
+    for item in items:
+        name, _, lr = item.partition("=")
+        if name not in OPTIMIZERS or not lr:
+            raise ValueError(f"--arms takes optimizer=lr with optimizer in {OPTIMIZERS}, got {item!r}")
+        out[name] = float(lr)
     return out
 
 
-def main(argv=None) -> list[dict]:
+def summarise(
+    records: list[dict[str, Any]], arms: dict[str, float], mus: list[int], seeds: list[int]
+) -> list[dict[str, Any]]:
+    """One row per (mu, arm): mean and sample SD of :data:`REPORTED`, the AdamW / arm ratio of the
+    batch-end overshoot with its paired interval, and (AdamW) the overshoot per inner step."""
+    by = {(r["config"]["optimizer"], r["config"]["inner_steps"], r["config"]["seed"]): r for r in records}
+    rows = []
+    for mu in mus:
+        for arm in arms:
+            recs = [by[(arm, mu, s)] for s in seeds if (arm, mu, s) in by]
+            row: dict[str, Any] = {"mu": mu, "arm": arm, "lr": arms[arm], "seeds": len(recs)}
+            for k in REPORTED:
+                vals = [r["summary"][k] for r in recs]
+                row[k], row[f"{k}_sd"] = float(np.mean(vals)), sample_sd(vals)
+            base = [by.get((BASELINE, mu, s)) for s in seeds]
+            pairs = [(b["summary"]["overshoot_end"], r["summary"]["overshoot_end"]) for b, r in zip(base, recs) if b]
+            if arm != BASELINE and pairs and BASELINE in arms:
+                est, lo, hi = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], mean_ratio)
+                row.update(end_reduction=est, end_reduction_lo=lo, end_reduction_hi=hi)
+            row["overshoot_by_inner"] = np.mean([r["overshoot_by_inner"] for r in recs], 0).tolist() if recs else []
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(prog="grpo-fix experiment overshoot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mus", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", nargs="+", help="optimizer=lr pairs, e.g. adamw=0.01 clip_aware=0.02")
+    ap.add_argument("--from-fair", default="benchmarks/results/fair_toy.json", help="take the arms and lrs from here")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(2000, 2008)))
     ap.add_argument("--rollouts", type=int, default=25)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--runs", help="JSON-lines file of finished runs (resumable)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="overshoot", help="basename of the result files")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--from-json", help="re-render the table and plot of an earlier run's JSON (no training)")
     args = ap.parse_args(argv)
-    if args.from_json:
-        import json
-
-        saved = json.loads(open(args.from_json).read())
-        rows = saved["rows"]
-        for r in rows:  # JSON keys are strings
-            r["overshoot_by_inner_step"] = {int(k): v for k, v in r["overshoot_by_inner_step"].items()}
-        for key in ("mus", "optimizers", "seeds", "rollouts", "lr"):
-            setattr(args, key, saved["args"][key])
-    else:
-        rows = run(
-            args.mus,
-            args.optimizers,
-            list(range(args.seeds)),
-            args.rollouts,
-            args.lr,
-            progress=None if args.quiet else print,
-        )
-    cols = [
-        "mu",
-        "optimizer",
-        "overshoot_fraction",
-        "max_excess",
-        "mean_max_excess",
-        "reward_start",
-        "reward_final",
-        "reward_final_sd",
+    toy.offline_environment()
+    arms = parse_arms(args.arms) if args.arms else arms_from_fair(Path(args.from_fair))
+    configs = [
+        RunConfig(optimizer=a, lr=lr, inner_steps=mu, rollouts=args.rollouts, seed=s)
+        for mu in args.mus
+        for a, lr in arms.items()
+        for s in args.seeds
     ]
+    runs = Path(args.runs or arith.cache_dir() / "runs" / f"{args.name}.jsonl")
+    records = run_all(configs, runs, jobs=args.jobs, progress=None if args.quiet else print)
+    rows = summarise(records, arms, args.mus, args.seeds)
+    cols = ["mu", "arm", "lr", "seeds"] + [c for k in REPORTED for c in (k, f"{k}_sd")]
     table = markdown_table(rows, cols, floatfmt=".3g")
-    focus = 4 if 4 in args.mus else max(args.mus)
-    table += f"\n\n### Reduction against AdamW at mu = {focus}\n\n"
+    table += "\n\n### Batch-end overshoot, AdamW / arm (paired 95 % bootstrap; > 1: the arm overshoots less)\n\n"
     table += markdown_table(
-        ratios_vs_adamw(rows, focus),
-        [
-            "optimizer",
-            "overshoot_reduction",
-            "max_excess_reduction",
-            "mean_max_excess_reduction",
-            "reward_final",
-            "reward_final_sd",
-        ],
+        [r for r in rows if "end_reduction" in r],
+        ["mu", "arm", "end_reduction", "end_reduction_lo", "end_reduction_hi"],
         floatfmt=".3g",
     )
-    adam = next((r for r in rows if r["optimizer"] == "adamw" and r["mu"] == max(args.mus)), None)
+    adam = next((r for r in rows if r["arm"] == BASELINE and r["mu"] == max(args.mus)), None)
     if adam is not None:
         c = 0.9 / 0.95**0.5
         steps = [
             {"inner_step": k, "adamw_overshoot": v, "prop3_residual_factor": c ** (k + 1)}
-            for k, v in adam["overshoot_by_inner_step"].items()
+            for k, v in enumerate(adam["overshoot_by_inner"])
+            if k > 0
         ]
         table += (
-            f"\n\n### AdamW overshoot by inner step (mu = {max(args.mus)}) and Prop. 3's (beta1/sqrt(beta2))^(k+1)\n\n"
+            f"\n\n### AdamW overshoot before inner step k (mu = {max(args.mus)}) "
+            "and Prop. 3's (beta1/sqrt(beta2))^(k+1)\n\n"
         )
         table += markdown_table(steps, ["inner_step", "adamw_overshoot", "prop3_residual_factor"], floatfmt=".3g")
 
-    def plot(fig):
-        ax1, ax2, ax3 = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
-        for name in args.optimizers:
-            rs = [r for r in rows if r["optimizer"] == name]
-            ax1.plot([r["mu"] for r in rs], [max(r["overshoot_fraction"], 1e-4) for r in rs], "o-", label=name)
-            ax2.plot([r["mu"] for r in rs], [max(r["mean_max_excess"], 1e-4) for r in rs], "o-", label=name)
-            focus_row = next((r for r in rs if r["mu"] == focus), None)
-            if focus_row:
-                ax3.plot(focus_row["reward_curve"], label=name)
-        ax1.set(xscale="log", yscale="log", xlabel="mu (steps per rollout batch)", ylabel="overshoot fraction")
-        ax2.set(xscale="log", yscale="log", xlabel="mu", ylabel="per-step max |log s| excess (mean)")
-        ax3.set(xlabel="rollout", ylabel=f"mean reward (mu = {focus})")
-        for ax in (ax1, ax2):
+    def plot(fig: Any) -> None:
+        axes = [fig.add_subplot(1, 3, j + 1) for j in range(3)]
+        for arm in arms:
+            rs = [r for r in rows if r["arm"] == arm]
+            for ax, key in zip(axes, ("overshoot_step", "overshoot_end", "reward_mean")):
+                ax.errorbar(
+                    [r["mu"] for r in rs],
+                    [r[key] for r in rs],
+                    yerr=[r[f"{key}_sd"] for r in rs],
+                    fmt="o-",
+                    capsize=3,
+                    label=f"{arm} (lr {arms[arm]:g})",
+                )
+        for ax, label in zip(
+            axes, ("overshoot before inner steps", "overshoot at batch end", "mean reward over the run")
+        ):
+            ax.set(xscale="log", xlabel="mu (steps per rollout batch)", ylabel=label)
             ax.set_xticks(args.mus, [str(m) for m in args.mus])
             ax.minorticks_off()
-        ax1.legend(fontsize=7)
+        axes[0].legend(fontsize=7)
 
-    payload_args = {k: v for k, v in vars(args).items() if k != "from_json"}
     write_results(
         args.out,
         args.name,
-        title=f"Momentum overshoot past the clip region (paper Prop. 3), lr {args.lr:g}",
+        title="Momentum overshoot past the clip region vs mu (paper Prop. 3), each arm at its own lr",
         table=table,
-        payload={"args": payload_args, "rows": rows},
+        payload={"args": {**vars(args), "arms": arms}, "rows": rows},
         plot=plot,
+        notes=f"Seeds {args.seeds}; mean and sample SD over seeds.",
     )
-    print(table)
+    if not args.quiet:
+        print(table)
     return rows
 
 

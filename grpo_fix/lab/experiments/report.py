@@ -6,6 +6,7 @@ import json
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,10 +20,10 @@ def machine() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}"
 
 
-def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:
+def markdown_table(rows: list[dict[str, Any]], columns: list[str], floatfmt: str = ".4g") -> str:
     """A GitHub markdown table of ``rows`` restricted to ``columns``."""
 
-    def fmt(v):
+    def fmt(v: object) -> str:
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -10,18 +10,20 @@ condition we report the parameter distance to the phi = 1 run, relative to how f
 the reward trajectory, and ``adam_eps_report``'s median of eps / (sqrt(v_hat) + eps) at the end
 of each run (whether eps is negligible: Prop. 2's condition).  Conditions: Adam eps = 0 (the exact
 limit of Prop. 2), eps = 1e-8 (PyTorch's default), eps = 1e-5 (common in RL code, Huang et al.
-2022), and beta > 0 (a KL term, which Prop. 2 excludes).  Theory: d = 0 up to float rounding for eps = 0 (and for eps = 1e-8 whenever eps is
-negligible), d > 0 once eps matters or beta > 0.
+2022), and beta > 0 (a KL term, which Prop. 2 excludes).  Theory: d = 0 up to float rounding for
+eps = 0 (and for eps = 1e-8 whenever eps is negligible), d > 0 once eps matters or beta > 0.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from .. import toy
 from .loop import RunConfig, train
 from .report import markdown_table, write_results
 
-CONDITIONS = {
+CONDITIONS: dict[str, dict[str, float]] = {
     "beta=0, eps=0": dict(eps=0.0, beta=0.0),
     "beta=0, eps=1e-8": dict(eps=1e-8, beta=0.0),
     "beta=0, eps=1e-5": dict(eps=1e-5, beta=0.0),
@@ -30,9 +32,11 @@ CONDITIONS = {
 SCALES = (0.01, 1.0, 100.0)
 
 
-def run(rollouts: int = 8, inner_steps: int = 4, seed: int = 0, lr: float = 1e-3) -> list[dict]:
+def run(rollouts: int = 8, inner_steps: int = 4, seed: int = 0, lr: float = 1e-3) -> list[dict[str, Any]]:
+    """One row per (condition, phi): distance to the phi = 1 run, final reward, eps report."""
     rows = []
-    theta0 = None
+    theta0 = train(RunConfig(rollouts=0, dtype="float64", seed=seed), keep_params=True).final_params
+    assert theta0 is not None
     for name, cond in CONDITIONS.items():
         runs = {}
         for phi in SCALES:
@@ -45,34 +49,36 @@ def run(rollouts: int = 8, inner_steps: int = 4, seed: int = 0, lr: float = 1e-3
                 dtype="float64",
                 seed=seed,
                 lr=lr,
-                **cond,
+                eps=cond["eps"],
+                beta=cond["beta"],
             )
             runs[phi] = train(cfg, keep_params=True)
-        if theta0 is None:
-            theta0 = train(RunConfig(rollouts=0, dtype="float64", seed=seed), keep_params=True).final_params
-        moved = float((runs[1.0].final_params - theta0).norm())
+        params = {phi: r.final_params for phi, r in runs.items() if r.final_params is not None}
+        moved = float((params[1.0] - theta0).norm())
         for phi in SCALES:
+            eps_report = runs[phi].adam_eps or {}
             rows.append(
                 {
                     "condition": name,
                     "phi": phi,
-                    "rel_distance_to_phi1": float((runs[phi].final_params - runs[1.0].final_params).norm()) / moved,
+                    "rel_distance_to_phi1": float((params[phi] - params[1.0]).norm()) / moved,
                     "reward_final": runs[phi].summary()["reward_final"],
-                    "eps_median_shrink": runs[phi].adam_eps["median_shrink"],
-                    "eps_negligible": runs[phi].adam_eps["negligible"],
+                    "eps_median_shrink": eps_report.get("median_shrink", float("nan")),
+                    "eps_negligible": eps_report.get("negligible", False),
                     "rewards": runs[phi].rewards,
                 }
             )
     return rows
 
 
-def main(argv=None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(prog="grpo-fix experiment reward-scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--inner-steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    toy.offline_environment()
     rows = run(args.rollouts, args.inner_steps, args.seed)
     table = markdown_table(
         rows,
@@ -80,7 +86,7 @@ def main(argv=None) -> list[dict]:
         floatfmt=".3g",
     )
 
-    def plot(fig):
+    def plot(fig: Any) -> None:
         for j, name in enumerate(CONDITIONS):
             ax = fig.add_subplot(1, len(CONDITIONS), j + 1)
             for r in (r for r in rows if r["condition"] == name):

@@ -1,0 +1,110 @@
+"""The fair optimizer protocol (issue-level spec in ``benchmarks/README.md``): AdamW against
+ClipAwareAdamW with every arm at its own validated learning rate, reported on held-out seeds.
+
+Stages (``--stage``; ``all`` runs them in order, each resumable from the runs file):
+
+1. ``validate``: AdamW and every ClipAwareAdamW setting of :data:`.protocol.CANDIDATES` on the
+   whole lr grid, validation seeds; the validation rule selects a candidate.
+2. ``test``: AdamW, the defaults and the selected candidate on the whole grid, test seeds.
+3. ``controls``: the matched-effective-lr AdamW and the on-policy (mu = 1) pair, test seeds.
+4. ``report``: JSON, markdown and PNG under ``--out`` (``fair_<task>.*``).
+
+Runs are appended to ``--runs`` (default: ``<cache>/runs/fair_<task>.jsonl``) as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .. import arith, toy
+from .fair_report import build_report, markdown, onpolicy_lrs, plot, validation
+from .grid import load_records, run_all
+from .loop import RunConfig
+from .protocol import BASELINE, CANDIDATES, DEFAULT, Protocol, protocol
+from .report import write_results
+
+STAGES = ("validate", "test", "controls", "report")
+
+
+def validate_configs(proto: Protocol) -> list[RunConfig]:
+    return [proto.config(a, lr, s) for a in (BASELINE, *CANDIDATES) for lr in proto.lrs for s in proto.val_seeds]
+
+
+def test_configs(proto: Protocol, selected: str | None) -> list[RunConfig]:
+    arms = list(dict.fromkeys([BASELINE, DEFAULT, selected or DEFAULT]))
+    return [proto.config(a, lr, s) for a in arms for lr in proto.lrs for s in proto.test_seeds]
+
+
+def control_configs(proto: Protocol, val: dict[str, Any]) -> list[RunConfig]:
+    """AdamW at the matched effective lr, and the mu = 1 pair (dapo + AdamW, uniform + the defaults)."""
+    curve = val["curves"][DEFAULT]
+    matched = float(f"{curve['best_lr'] * curve['alpha_mean_at_best']:.6g}")
+    out = [proto.config(BASELINE, matched, s) for s in proto.test_seeds]
+    for lr in onpolicy_lrs(proto, val):
+        mu1 = {"inner_steps": 1, "rollouts": proto.onpolicy_rollouts}
+        out += [proto.config(BASELINE, lr, s, preset="dapo", **mu1) for s in proto.test_seeds]
+        out += [proto.config(DEFAULT, lr, s, **mu1) for s in proto.test_seeds]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="grpo-fix experiment fair-optimizer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=("toy", "arith"), default="toy")
+    ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    ap.add_argument("--smoke", action="store_true", help="the test suite's reduced sizes (seconds)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    ap.add_argument("--runs", help="JSON-lines file of finished runs (resumable)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    toy.offline_environment()
+    proto = protocol(args.task, smoke=args.smoke)
+    suffix = "_smoke" if args.smoke else ""
+    runs = Path(args.runs or arith.cache_dir() / "runs" / f"fair_{args.task}{suffix}.jsonl")
+    log = None if args.quiet else lambda msg: print(msg, flush=True)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "validate" in stages:
+        run_all(validate_configs(proto), runs, jobs=args.jobs, progress=log)
+    val = validation(list(load_records(runs).values()), proto)
+    if "test" in stages:
+        run_all(test_configs(proto, val["selected"]), runs, jobs=args.jobs, progress=log)
+    if "controls" in stages:
+        run_all(control_configs(proto, val), runs, jobs=args.jobs, progress=log)
+    if "report" not in stages:
+        return {"validation": val}
+    records = list(load_records(runs).values())
+    rep = build_report(records, proto)
+    rep["task_info"] = _task_info(proto)
+    rep["runs"] = [_compact(r) for r in records]
+    text = markdown(rep)
+    write_results(
+        args.out,
+        f"fair_{args.task}{suffix}",
+        title=f"Fair optimizer protocol, task {args.task}: AdamW vs ClipAwareAdamW at their own validated lr",
+        table=text,
+        payload=rep,
+        plot=lambda fig: plot(rep, fig),
+        notes=f"Runs: {len(records)}; CPU seconds: {sum(r['cpu_seconds'] for r in records):.0f}.",
+    )
+    if log:
+        log(text)
+    return rep
+
+
+def _task_info(proto: Protocol) -> dict[str, Any]:
+    from .tasks import get_task
+
+    return get_task(proto.task, proto.task_options).info
+
+
+def _compact(rec: dict[str, Any]) -> dict[str, Any]:
+    """A run as the JSON keeps it: its identity and summary (the curves stay in the runs file)."""
+    c = rec["config"]
+    keep = ("optimizer", "preset", "inner_steps", "rollouts", "lr", "seed")
+    return {**{k: c[k] for k in keep}, **rec["summary"], "cpu_seconds": rec["cpu_seconds"]}
+
+
+if __name__ == "__main__":
+    main()

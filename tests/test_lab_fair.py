@@ -1,0 +1,115 @@
+"""The fair optimizer protocol: its decision rules on hand-made records, and both tasks end to end at the
+test suite's reduced size (the full-size results are committed under benchmarks/results/fair_*)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from grpo_fix.lab.experiments.fair_analysis import (
+    arm_curve,
+    cells,
+    collapse_test,
+    near_best,
+    select_candidate,
+    width_ratio_interval,
+)
+from grpo_fix.lab.experiments.protocol import PROTOCOLS, protocol
+
+pytest.importorskip("transformers")
+
+LRS = (0.01, 0.02, 0.04, 0.08, 0.16)
+
+
+def _records(arm: str, means: list[float], seeds=range(4), noise: float = 0.0) -> list[dict]:
+    rng = np.random.default_rng(len(arm))
+    return [
+        {
+            "config": {"optimizer": arm, "preset": "uniform", "lr": lr, "seed": s, "inner_steps": 4},
+            "summary": {"reward_mean": m + noise * rng.normal(), "reward_final": m},
+        }
+        for lr, m in zip(LRS, means)
+        for s in seeds
+    ]
+
+
+def test_near_best_is_the_contiguous_run_within_the_margin():
+    curve = np.array([0.50, 0.59, 0.60, 0.585, 0.30, 0.595])
+    assert near_best(curve) == (1, 3)  # 0.595 at the end is within the margin but not contiguous
+    assert near_best(np.array([0.1, 0.5, 0.1])) == (1, 1)
+
+
+def test_arm_curve_width_and_its_bootstrap_ratio():
+    recs = _records("adamw", [0.4, 0.6, 0.5, 0.2, 0.1]) + _records("clip_aware", [0.3, 0.59, 0.6, 0.595, 0.2])
+    table = cells(recs, "reward_mean")
+    a, c = arm_curve(table, "adamw", LRS, range(4)), arm_curve(table, "clip_aware", LRS, range(4))
+    assert (a["best_lr"], a["width_points"]) == (0.02, 1)
+    assert (c["best_lr"], c["near_best_lo"], c["near_best_hi"], c["width_points"]) == (0.04, 0.02, 0.08, 3)
+    assert width_ratio_interval(table, "clip_aware", LRS, range(4)) == (3.0, 3.0)  # no noise, no spread
+
+
+def test_collapse_test_pairs_by_seed():
+    base = {0: True, 1: True, 2: False, 3: True}
+    other = {0: False, 1: True, 2: False, 3: False, 9: True}  # seed 9 has no pair
+    t = collapse_test(base, other)
+    assert (t["runs"], t["baseline_collapses"], t["arm_collapses"]) == (4, 3, 1)
+    assert t["mcnemar_p_one_sided"] == pytest.approx(0.25)  # 2 discordant pairs, both AdamW-only
+
+
+def test_select_candidate_follows_the_registered_rule():
+    curves = {
+        "adamw": {"best": 0.60, "width_points": 2},
+        "clip_aware": {"best": 0.55, "width_points": 5},  # costs 0.05 at the best lr: not eligible
+        "clip_aware_gate": {"best": 0.598, "width_points": 3},
+        "clip_aware_guard": {"best": 0.601, "width_points": 3},
+    }
+    order = ["clip_aware", "clip_aware_gate", "clip_aware_guard"]
+    assert select_candidate(curves, {"clip_aware_gate": 2, "clip_aware_guard": 0}, order) == "clip_aware_guard"
+    assert select_candidate(curves, {}, order) == "clip_aware_gate"  # full tie: the simpler change
+    curves["clip_aware_gate"]["best"] = curves["clip_aware_guard"]["best"] = 0.5
+    assert select_candidate(curves, {}, order) is None
+
+
+def test_protocols_are_registered_with_disjoint_seeds_and_wide_grids():
+    for proto in PROTOCOLS.values():
+        assert not set(proto.val_seeds) & set(proto.test_seeds)
+        assert len(proto.lrs) >= 5 and proto.lrs[-1] / proto.lrs[0] >= 30
+    with pytest.raises(ValueError, match="disjoint"):
+        protocol("toy", smoke=True).__class__(**{**vars(protocol("toy")), "test_seeds": (1000,)})
+
+
+@pytest.mark.parametrize("task", ["toy", "arith"])
+def test_fair_protocol_runs_end_to_end_at_reduced_size(task, tmp_path, monkeypatch):
+    from grpo_fix.cli import main
+
+    monkeypatch.setenv("GRPO_FIX_CACHE", str(tmp_path / "cache"))
+    argv = ["experiment", "fair-optimizer", "--task", task, "--smoke", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / f"fair_{task}_smoke.json").read_text())
+    proto = protocol(task, smoke=True)
+    assert set(rep["validation"]["curves"]) == {
+        "adamw",
+        "clip_aware",
+        "clip_aware_gate",
+        "clip_aware_tau20",
+        "clip_aware_guard",
+        "clip_aware_warm",
+    }
+    runs = rep["runs"]
+    val = [r for r in runs if r["seed"] in proto.val_seeds]
+    test = [r for r in runs if r["seed"] in proto.test_seeds and r["inner_steps"] == proto.inner_steps]
+    assert len(val) == 6 * len(proto.lrs)
+    assert {r["optimizer"] for r in test} >= {"adamw", "clip_aware"}
+    onpolicy = [r for r in runs if r["inner_steps"] == 1]
+    assert {(r["optimizer"], r["preset"]) for r in onpolicy} == {("adamw", "dapo"), ("clip_aware", "uniform")}
+    for r in onpolicy:
+        assert r["overshoot_step"] == 0.0  # every step on-policy
+    for r in runs:  # every arm is scored per inner step and at batch end
+        assert 0.0 <= r["overshoot_end"] <= 1.0 and r["max_excess_end"] >= 0.0
+    md = (tmp_path / f"fair_{task}_smoke.md").read_text()
+    assert "McNemar" in md and "Matched effective lr" in md and (tmp_path / f"fair_{task}_smoke.png").exists()
+    if task == "arith":
+        assert 0.0 <= rep["task_info"]["held_out_accuracy_start"] <= 1.0
+        assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in runs)
