@@ -151,7 +151,8 @@ def log_micro_batch(
         sums["cispo_clip_ratio"] = (out.metrics["clip_high"].double() * n_valid, n_valid)
     if log_probs is not None and loss_type == "vespo":
         logps, old, advantages = log_probs
-        phi = vespo_weight(cfg, logps.detach() - old, advantages, m, is_ratio, mask.bool())
+        log_ratio = torch.where(mask.bool(), logps.detach() - old, torch.zeros((), dtype=logps.dtype))
+        phi = vespo_weight(cfg, log_ratio=log_ratio, adv=advantages, is_ratio=is_ratio, m=m)
         sums["vespo/phi_seq_mean"] = _masked_sum(phi, m)
     if entropies is not None:
         sums["entropy"] = _masked_sum(entropies.detach(), m)
