@@ -15,6 +15,10 @@ where unclipped (Eq. 15) and 0 where clipped (Eq. 28).
 Everything here is split so that callers that chunk a batch (the logits-free path) can compute
 what needs whole groups or the whole window once (:func:`token_advantages`,
 :func:`window_alpha`) and run :func:`token_terms` on any split of the rows.
+
+Masks are float (1 valid, 0 masked) and every per-token selection is arithmetic (products with
+0/1 masks, steps from ``sign``): on CPU ``torch.where``, comparisons and bool/float mixes cost
+5-30x a multiply per element, and under ``torch.compile`` the arithmetic fuses all the same.
 """
 
 from __future__ import annotations
@@ -42,22 +46,67 @@ def ratio_bound(dtype: torch.dtype) -> float:
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in for log-probs of ``dtype``: fp32, or fp64 for fp64 input."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def float_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``valid`` (bool or 0/1) as a ``dtype`` mask (no copy when it already is one)."""
+    return valid if valid.dtype == dtype else valid.to(dtype)
+
+
+def step(x: torch.Tensor) -> torch.Tensor:
+    """1 where ``x > 0`` else 0, in ``x``'s float dtype (a comparison without the bool round trip)."""
+    return x.sign().clamp_min(0.0)
+
+
+class _Masked(torch.autograd.Function):
+    """``x`` at valid positions and exactly 0 at masked ones, whatever ``x`` holds there; valid
+    NaN/inf become +-(dtype max), which the value checks flag.  Gradient: ``grad * mask``."""
+
+    @staticmethod
+    def forward(ctx, x, m):  # type: ignore[override]
+        big = torch.finfo(x.dtype).max
+        ctx.save_for_backward(m)
+        return x.nan_to_num(nan=big, posinf=big, neginf=-big).mul_(m)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        return grad * m, None
+
+
+def masked(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """:class:`_Masked` for tensors with grad, the same two passes without autograd otherwise."""
+    x = x.to(m.dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Masked.apply(x, m)
+    big = torch.finfo(x.dtype).max
+    return x.nan_to_num(nan=big, posinf=big, neginf=-big) * m
 
 
 @dataclass(frozen=True)
 class TokenTerms:
-    """Row-local pieces of Eq. 1 for one set of complete rows (see :func:`token_terms`)."""
+    """Row-local pieces of Eq. 1 for one set of complete rows (see :func:`token_terms`).  The
+    masks are computed once here, as 0/1 floats, and shared with the diagnostics (they are exactly
+    what the loss used)."""
 
-    loss: torch.Tensor  # sum_{i,t} alpha * per_token_loss * m  (scalar, with grad)
-    per_token_loss: torch.Tensor  # -phi + beta * KL, (B, T), with grad
-    adv: torch.Tensor  # effective advantages after the CPPO / OPSM filters, (B, T)
+    loss: torch.Tensor  # sum_{i,t} alpha * (-phi + beta * KL), scalar with grad
+    mask: torch.Tensor  # 1 valid, 0 masked (float)
+    logp: torch.Tensor  # the log-probs, 0 where masked, detached
+    old_logp: torch.Tensor  # the sampler's log-probs, 0 where masked
+    adv: torch.Tensor  # effective advantages (filters, policy_mask, is_ratio applied), 0 where masked
+    weighted_adv: torch.Tensor  # alpha * adv
     ratio: torch.Tensor  # s, detached, (B, T) or (B, 1)
     log_ratio: torch.Tensor  # log s, detached, same shape
-    zeroed: torch.Tensor  # bool: advantage gradient zeroed by clipping, broadcastable to (B, T)
+    pos: torch.Tensor  # 1 where adv > 0
+    neg: torch.Tensor  # 1 where adv < 0
+    over_high: torch.Tensor | None  # pos and s > 1 + eps_high (the clip metrics); None: zeroed * pos
+    over_low: torch.Tensor | None  # neg and s < 1 - eps_low; None: zeroed * neg
+    overshoot: torch.Tensor  # past the trust region (the clip range widened to contain 1): the signal
+    zeroed: torch.Tensor | None  # 1 where clipping zeroes the advantage gradient (Eq. 28); None: never
     grad_scale: torch.Tensor  # |d phi / d log pi| / |A|: s, the IS weight, or 1 (detached)
-    kl: torch.Tensor | None  # per-token KL estimate (None without ref_logp)
-    lengths: torch.Tensor  # |o_i|, (B, 1)
+    kl: torch.Tensor | None  # per-token KL estimate, 0 where masked (None without ref_logp)
+    lengths: torch.Tensor | None  # |o_i|, (B, 1), where a sequence ratio or the OPSM filter needs it
 
 
 def token_advantages(
@@ -68,14 +117,17 @@ def token_advantages(
 ) -> torch.Tensor:
     """Advantages as a float ``(B, T)`` tensor, 0 at masked positions (so garbage there never
     propagates); prefix-consistent (class means) when the config asks for it and ``classes``
-    (whole groups) are given.  Needs whole groups: call it on the full batch before any chunking."""
+    (whole groups) are given.  Needs whole groups: call it on the full batch before any chunking.
+    ``valid`` is a bool or 0/1 mask."""
     B, T = valid.shape
     adv = advantages if advantages.dtype.is_floating_point else advantages.float()
-    adv = adv.to(compute_dtype(adv.dtype))
-    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
-    adv = torch.where(valid, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+    cdt = compute_dtype(adv.dtype)
+    adv = adv.to(cdt)
+    big = torch.finfo(cdt).max
+    adv = adv.nan_to_num(nan=big, posinf=big, neginf=-big)  # (B,) or (B, T); masked garbage: * 0 below
+    adv = (adv[:, None] if adv.dim() == 1 else adv) * float_mask(valid, cdt)
     if cfg.prefix_consistent and classes is not None:
-        adv = (classes.class_sum(adv, valid) / classes.size.clamp_min(1).double()).to(adv.dtype)
+        adv = classes.class_mean(adv).to(cdt)
     return adv
 
 
@@ -87,20 +139,21 @@ def window_alpha(cfg: SurrogateConfig, valid: torch.Tensor, window: Window) -> t
     batch compute it once on the full batch and pass slices to :func:`token_terms`.
     """
     B, T = valid.shape
-    m = valid.to(torch.float64)
+    f64, dev = torch.float64, valid.device
     if cfg.weighting in ("uniform", "dapo"):
-        n = m.sum() if window.tokens is None else _as_tensor(window.tokens, m)
+        n = valid.sum(dtype=f64) if window.tokens is None else torch.as_tensor(window.tokens, dtype=f64, device=dev)
         return window.dp_size / n.clamp_min(1.0)
     if cfg.weighting in ("seq_mean", "seq_sum"):
-        seqs = _as_tensor(B * window.micro_batches * window.dp_size if window.seqs is None else window.seqs, m)
+        seqs = B * window.micro_batches * window.dp_size if window.seqs is None else window.seqs
+        seqs_t = torch.as_tensor(seqs, dtype=f64, device=dev).clamp_min(1.0)
         if cfg.weighting == "seq_sum":  # LUSPO: a sequence's summed tokens, averaged over sequences
-            return window.dp_size / seqs.clamp_min(1.0)
-        return window.dp_size / (seqs.clamp_min(1.0) * m.sum(-1, keepdim=True).clamp_min(1.0))
+            return window.dp_size / seqs_t
+        return window.dp_size / (seqs_t * valid.sum(-1, keepdim=True, dtype=f64).clamp_min(1.0))
     if cfg.weighting == "bnpo":
-        return 1.0 / (m.sum().clamp_min(1.0) * window.micro_batches)
+        return 1.0 / (valid.sum(dtype=f64).clamp_min(1.0) * window.micro_batches)
     # dr_grpo: constant 1 / (B * L_max)
     l_max = cfg.max_completion_length or T
-    return _as_tensor(1.0 / max(B * l_max * window.micro_batches, 1), m)
+    return torch.full((), 1.0 / max(B * l_max * window.micro_batches, 1), dtype=f64, device=dev)
 
 
 def token_terms(
@@ -114,76 +167,108 @@ def token_terms(
     is_ratio: torch.Tensor | None = None,
     policy_mask: torch.Tensor | None = None,
 ) -> TokenTerms:
-    """Eq. 1 on complete rows with precomputed ``(B, T)`` advantages and weights ``alpha``.
+    """Eq. 1 on complete rows with precomputed ``(B, T)`` advantages (0 where masked, as
+    :func:`token_advantages` returns them) and weights ``alpha``; ``valid`` is a bool or 0/1 mask.
 
     Everything here is local to a row (the sequence ratios and the OPSM filter reduce over a
     row only), so the loss of a batch is the sum of this function over any split of its rows.
-    Masked positions are replaced by 0 before any arithmetic: NaN/inf there never propagates.
-    ``old_logp``, ``ref_logp``, ``is_ratio`` and ``policy_mask`` are constants of the objective
-    and are detached.  ``is_ratio`` (the sampler's importance ratio, vLLM) and ``policy_mask``
-    (e.g. TRL's entropy mask) multiply the policy term, i.e. the effective advantage (the policy
-    term is linear in A for a fixed ratio); VESPO takes ``is_ratio`` into its sequence weight.
+    Masked positions are replaced by 0 before any arithmetic: NaN/inf there never propagates, and
+    every term is exactly 0 there.  ``old_logp``, ``ref_logp``, ``is_ratio`` and ``policy_mask`` are
+    constants of the objective and are detached.  ``is_ratio`` (the sampler's importance ratio,
+    vLLM) and ``policy_mask`` (e.g. TRL's entropy mask) multiply the policy term, i.e. the effective
+    advantage (the policy term is linear in A for a fixed ratio); VESPO takes ``is_ratio`` into its
+    sequence weight.
+
+    PPO's clip is written ``phi = A * (c + keep * (s - c))`` with ``c = clip(s)`` detached and
+    ``keep = 0`` where ``(c - s) A < 0`` (the clipped region of Eq. 28), else 1: the value and the
+    gradient of ``min(s A, clip(s) A)`` (``-alpha A s`` where unclipped, Eq. 15; 0 where clipped),
+    with the clip mask computed once (one ``lerp``).
     """
     cdt = compute_dtype(logp.dtype)
-    m = valid.to(cdt)
-    zero = torch.zeros((), dtype=cdt, device=logp.device)
-    lp = torch.where(valid, logp.to(cdt), zero)
-    old = lp.detach() if old_logp is None else torch.where(valid, old_logp.detach().to(cdt), zero)
-    lengths = m.sum(-1, keepdim=True)
+    m = float_mask(valid, cdt)
+    lp = masked(logp, m)
+    old = lp.detach() if old_logp is None else masked(old_logp.detach(), m)
+    needs_lengths = cfg.ratio == "sequence" or cfg.off_policy_mask_threshold is not None
+    lengths = m.sum(-1, keepdim=True) if needs_lengths else None
     adv = adv.to(cdt)
 
     # advantage filters: CPPO (|A| <= gamma dropped), DeepSeek-V3.2 off-policy sequence mask
     if cfg.adv_threshold is not None:
-        adv = torch.where(adv.abs() > cfg.adv_threshold, adv, zero)
+        adv = adv * step(adv.abs() - cfg.adv_threshold)
     if cfg.off_policy_mask_threshold is not None:
-        seq_kl = ((old - lp.detach()) * m).sum(-1, keepdim=True) / lengths.clamp_min(1)
-        adv = torch.where((adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold), adv, zero)
+        seq_kl = (old - lp.detach()).sum(-1, keepdim=True) / lengths.clamp_min(1)  # type: ignore[union-attr]
+        drop = step(-adv) * step(seq_kl - cfg.off_policy_mask_threshold)  # A < 0 and far off-policy
+        adv = adv * (1.0 - drop)
     if policy_mask is not None:
-        adv = adv * torch.where(valid, policy_mask.detach().to(cdt), zero)
+        adv = adv * masked(policy_mask.detach(), m)
     if is_ratio is not None and cfg.ratio != "vespo":
-        adv = adv * torch.where(valid, is_ratio.detach().to(cdt), zero)
+        adv = adv * masked(is_ratio.detach(), m)
 
-    # importance ratio s (Eq. 3 and Table 1's sequence-level variants)
+    # importance ratio s (Eq. 3 and Table 1's sequence-level variants); masked tokens add 0
     log_ratio_tok = lp - old
     if cfg.ratio == "sequence":
-        log_s = (log_ratio_tok * m).sum(-1, keepdim=True) / lengths.clamp_min(1)
+        log_s = log_ratio_tok.sum(-1, keepdim=True) / lengths.clamp_min(1)  # type: ignore[union-attr]
     elif cfg.ratio == "sequence_unnormalized":
-        log_s = (log_ratio_tok * m).sum(-1, keepdim=True)
+        log_s = log_ratio_tok.sum(-1, keepdim=True)
     else:
         log_s = log_ratio_tok
     bound = ratio_bound(logp.dtype)
     s = _exp(log_s, bound)
+    s_d = s.detach()
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    sign = adv.sign()
+    pos = sign.clamp_min(0.0)
+    neg = pos - sign
 
-    # policy term phi; "zeroed" marks tokens in the clipped region of Eq. 28; grad_scale is
-    # |d phi / d log pi| / |A|
-    zeroed = torch.zeros_like(valid)
+    # policy term phi = A * value; "zeroed" marks the clipped region of Eq. 28
+    zeroed = None
     if cfg.clips:
-        s_unclipped = s if cfg.delta is None else torch.clamp(s, max=cfg.delta)
-        phi = torch.min(s_unclipped * adv, torch.clamp(s, lo, hi) * adv)
-        zeroed = ((adv > 0) & (s > hi)) | ((adv < 0) & (s < lo))
-        if cfg.delta is not None:
-            zeroed = zeroed | ((adv < 0) & (s > cfg.delta))
-        grad_scale = s.detach()
-    elif cfg.ratio in RATIO_GATED:  # gate="soft" (SAPO): sigmoid(tau (s - 1)) * 4 / tau * A
-        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(cdt)
+        c = s_d.clamp(lo, hi)
+        zeroed = step((s_d - c) * adv)  # (s - c) A > 0: past the clip range in A's direction
+        if cfg.delta is not None:  # A < 0 past delta: the two-sided clip's constant delta
+            past = neg * step(s_d - cfg.delta)
+            c = c + past * (cfg.delta - c)
+            zeroed = zeroed + past * (1.0 - zeroed)
+        value = torch.lerp(c, s, 1.0 - zeroed)  # c + keep (s - c): s where kept, the constant clip otherwise
+        grad_scale = s_d
+    elif cfg.ratio in RATIO_GATED:  # gate="soft" (SAPO): sigmoid(tau (s - 1)) * 4 / tau
+        tau = cfg.sapo_temperature_neg + (cfg.sapo_temperature_pos - cfg.sapo_temperature_neg) * pos
         gate = torch.sigmoid(tau * (s - 1.0))
-        phi = gate * 4.0 / tau * adv
+        value = gate * 4.0 / tau
         grad_scale = (4.0 * gate * (1.0 - gate) * s).detach()
     elif cfg.ratio == "sg_logp":
-        grad_scale = torch.clamp(s, lo, hi).detach()
-        phi = grad_scale * adv * lp
+        grad_scale = s_d.clamp(lo, hi)
+        value = grad_scale * lp
     elif cfg.ratio == "vespo":
-        grad_scale = vespo_weight(cfg, log_ratio_tok, adv, m, is_ratio, valid)
-        phi = grad_scale * adv * lp
+        grad_scale = vespo_weight(cfg, log_ratio_tok, adv, is_ratio, m)
+        value = grad_scale * lp
     else:  # "logp"
-        phi = adv * lp
+        value = lp
         grad_scale = torch.ones((), dtype=cdt, device=logp.device)
 
-    per_token_loss = -phi
+    # the clip metrics (past the clip range) and the signal's trust region: the clip range widened
+    # to contain ratio 1 (a CISPO cap below 1, TRL's cispo default, bounds an IS weight and must not
+    # make on-policy tokens count as overshoot).  For the plain clip all of them are the zeroed
+    # mask (split by the advantage's sign), left to the diagnostics to count.
+    over_high = over_low = None
+    if zeroed is not None and cfg.delta is None:
+        overshoot = zeroed
+    else:
+        over_high, over_low = pos * step(s_d - hi), neg * step(lo - s_d)
+        if lo <= 1.0 <= hi:
+            overshoot = over_high + over_low
+        else:
+            overshoot = pos * step(s_d - max(hi, 1.0)) + neg * step(min(lo, 1.0) - s_d)
+
+    alpha = alpha.to(cdt)
+    weighted_adv = adv * alpha  # alpha A, the token's weight in Eq. 1 (0 where masked)
+    if value.shape == weighted_adv.shape:  # one pass: sum_t value * alpha A
+        loss = -torch.dot(value.reshape(-1), weighted_adv.reshape(-1))
+    else:
+        loss = -(value * weighted_adv).sum()
     kl = None
     if ref_logp is not None:
-        d = torch.where(valid, ref_logp.detach().to(cdt), zero) - lp  # log(ref / pi)
+        d = masked(ref_logp.detach(), m) - lp  # log(ref / pi), 0 where masked
         if cfg.kl_estimator == "k1":
             kl = -d
         elif cfg.kl_estimator == "k2":
@@ -191,12 +276,28 @@ def token_terms(
         else:
             kl = _exp(d, bound) - d - 1.0
         if cfg.kl_times_ratio:
-            kl = kl * (s if cfg.clips else _exp(log_ratio_tok, bound))
+            kl = kl * (s if cfg.ratio in RATIO_GATED else _exp(log_ratio_tok, bound))
         if cfg.beta != 0.0:
-            per_token_loss = per_token_loss + cfg.beta * kl
-
-    loss = (per_token_loss * m * alpha.to(cdt)).sum()
-    return TokenTerms(loss, per_token_loss, adv, s.detach(), log_s.detach(), zeroed, grad_scale, kl, lengths)
+            loss = loss + cfg.beta * (kl.sum() * alpha if alpha.dim() == 0 else (kl * alpha).sum())
+    return TokenTerms(
+        loss,
+        m,
+        lp.detach(),
+        old,
+        adv,
+        weighted_adv,
+        s_d,
+        log_s.detach(),
+        pos,
+        neg,
+        over_high,
+        over_low,
+        overshoot,
+        zeroed,
+        grad_scale,
+        kl,
+        lengths,
+    )
 
 
 @torch.no_grad()
@@ -204,30 +305,37 @@ def vespo_weight(
     cfg: SurrogateConfig,
     log_ratio: torch.Tensor,
     adv: torch.Tensor,
-    m: torch.Tensor,
     is_ratio: torch.Tensor | None,
-    valid: torch.Tensor,
+    m: torch.Tensor,
 ) -> torch.Tensor:
     """VESPO's detached Gamma weight ``phi(w) = e^lambda w^k e^(-lambda w)`` (``phi(1) = 1``) of the
     sequence ratio ``w = exp(sum_t log s_t [+ sum_t log is_ratio_t])``, in log space with TRL's
-    clamps (log w in [log 1e-8, 20]); ``(k, lambda)`` by the sign of the row's advantage."""
+    clamps (log w in [log 1e-8, 20]); ``(k, lambda)`` by the sign of the advantage (``A >= 0``)."""
     lower = math.log(1e-8)
-    log_w = (log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+    log_w = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).sum(-1, keepdim=True)  # 0 where masked
     if is_ratio is not None:  # per token (B, T): summed over valid tokens; per sequence (B, 1): once
         log_is = torch.log(is_ratio.to(log_ratio.dtype)).clamp(lower, LOG_RATIO_CLAMP)
         if log_is.shape[-1] != 1:
-            log_is = torch.where(valid, log_is, torch.zeros((), dtype=log_is.dtype, device=log_is.device))
+            log_is = masked(log_is, m)
         log_w = log_w + log_is.sum(-1, keepdim=True)
     log_w = log_w.clamp(lower, LOG_RATIO_CLAMP)
-    nonneg = adv >= 0  # per token, as TRL (the same for a row with sequence advantages)
-    k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg).to(log_w.dtype)
-    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).to(log_w.dtype).clamp_min(1e-4)
+    negative = step(-adv)  # per token, as TRL (the same for a row with sequence advantages)
+    k = cfg.vespo_k_pos + (cfg.vespo_k_neg - cfg.vespo_k_pos) * negative
+    lam = (cfg.vespo_lambda_pos + (cfg.vespo_lambda_neg - cfg.vespo_lambda_pos) * negative).clamp_min(1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def token_loss(
-    cfg: SurrogateConfig, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio=None, policy_mask=None
+    cfg: SurrogateConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    alpha: torch.Tensor,
+    is_ratio: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``token_terms(...).loss`` alone (the per-chunk loss of the logits-free path)."""
     return token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio, policy_mask).loss
@@ -235,7 +343,3 @@ def token_loss(
 
 def _exp(x: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.exp(x.clamp(-bound, bound))
-
-
-def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=like.dtype, device=like.device)

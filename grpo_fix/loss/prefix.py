@@ -40,23 +40,62 @@ import torch
 
 @dataclass(frozen=True)
 class PrefixClasses:
-    """Class structure of a batch: ``index`` (B, T) int64 in ``[0, B*T)`` names the class of each
-    position (positions with equal index share group, position and prefix); ``size`` (B, T) is
-    the number of *valid* members of that class."""
+    """Class structure of a batch, found once at rollout time (:func:`prefix_classes`).
+
+    ``index`` (B, T) int64 in ``[0, B*T)`` names the class of each position (positions with equal
+    index share group, position and prefix); ``size`` (B, T) is the number of *valid* members of
+    that class; ``whole`` (B, T) bool marks the valid positions of classes shared by the whole group
+    (``size == group_size``: the prefixes of Prop. 1's W_agg).
+
+    Compact forms, so that a loss call touches only the positions that share a prefix:
+    ``shared`` / ``shared_class`` are the flat valid positions of classes with more than one valid
+    member and their class numbered ``0..K-1``, ``shared_size`` those classes' sizes (float64);
+    ``whole_positions`` / ``whole_class`` the same for the whole-group classes.
+    """
 
     index: torch.Tensor
     size: torch.Tensor
+    whole: torch.Tensor
+    shared: torch.Tensor
+    shared_class: torch.Tensor
+    shared_size: torch.Tensor
+    whole_positions: torch.Tensor
+    whole_class: torch.Tensor
 
-    def class_sum(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per position, the sum of ``values`` at valid (``mask``) positions of its class, in
-        float64, shape (B, T); whatever masked positions hold is ignored (even NaN)."""
-        flat_idx = self.index.reshape(-1)
-        acc = torch.zeros(flat_idx.numel(), dtype=torch.float64, device=values.device)
-        kept = torch.where(
-            mask.to(torch.bool), values.double(), torch.zeros((), dtype=torch.float64, device=values.device)
+    @classmethod
+    def build(cls, index: torch.Tensor, size: torch.Tensor, valid: torch.Tensor, group_size: int) -> PrefixClasses:
+        """The classes with their compact forms (host syncs: done at rollout time)."""
+        flat_index, flat_size, flat_valid = index.reshape(-1), size.reshape(-1), valid.reshape(-1)
+        whole = valid & (size == group_size)
+
+        def compact(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            positions = selected.nonzero().squeeze(1)
+            _, numbered = torch.unique(flat_index.index_select(0, positions), return_inverse=True)
+            return positions, numbered
+
+        shared, shared_class = compact(flat_valid & (flat_size > 1))
+        whole_positions, whole_class = compact(whole.reshape(-1))
+        return cls(
+            index,
+            size,
+            whole,
+            shared,
+            shared_class,
+            flat_size.index_select(0, shared).double(),
+            whole_positions,
+            whole_class,
         )
-        acc.scatter_add_(0, flat_idx, kept.reshape(-1))
-        return acc[flat_idx].view_as(self.index)
+
+    def class_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (0 where masked) with every shared position replaced by the mean of its class's
+        valid members (in float64, returned in ``values``' dtype); other positions unchanged."""
+        if not self.shared.numel():
+            return values
+        flat = values.reshape(-1)
+        sums = torch.zeros(self.shared.numel(), dtype=torch.float64, device=values.device)
+        sums.index_add_(0, self.shared_class, flat.index_select(0, self.shared).double())
+        means = (sums.index_select(0, self.shared_class) / self.shared_size).to(values.dtype)
+        return flat.index_put((self.shared,), means).view_as(values)
 
 
 def _check_ids(completion_ids: torch.Tensor, group_size: int, mask: torch.Tensor | None) -> None:
@@ -88,7 +127,7 @@ def prefix_classes(completion_ids: torch.Tensor, group_size: int, mask: torch.Te
     valid = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
     if B == 0 or T == 0:
         empty = torch.zeros(B, T, dtype=torch.long, device=device)
-        return PrefixClasses(empty, empty.clone())
+        return PrefixClasses.build(empty, empty.clone(), valid, group_size)
     group = torch.arange(B, device=device).div(group_size, rounding_mode="floor")
     keyed = torch.cat([group[:, None], completion_ids.long()], dim=1)
     _, rank = torch.unique(keyed, dim=0, return_inverse=True)  # lexicographic rank of each row
@@ -108,7 +147,7 @@ def prefix_classes(completion_ids: torch.Tensor, group_size: int, mask: torch.Te
     flat = index.reshape(-1)
     size = torch.zeros(B * T, dtype=torch.long, device=device)
     size.scatter_add_(0, flat, valid.reshape(-1).to(torch.long))
-    return PrefixClasses(index, size[flat].view(B, T))
+    return PrefixClasses.build(index, size[flat].view(B, T), valid, group_size)
 
 
 @torch.no_grad()
@@ -147,13 +186,13 @@ def prefix_consistent_advantages(
             "to every completion sharing the prefix"
         )
     classes = prefix_classes(completion_ids, group_size, valid)
-    mean = classes.class_sum(adv, valid) / classes.size.clamp_min(1).double()
-    return torch.where(valid, mean.to(adv.dtype), adv).contiguous()
+    kept = torch.where(valid, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+    return torch.where(valid, classes.class_mean(kept), adv).contiguous()
 
 
 @torch.no_grad()
 def whole_group_prefix_aggregate(
-    classes: PrefixClasses, coefficient: torch.Tensor, mask: torch.Tensor, group_size: int
+    classes: PrefixClasses, coefficient: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W_agg on prefixes shared by the whole group (Prop. 1).
 
@@ -161,11 +200,9 @@ def whole_group_prefix_aggregate(
     ``omega_{i,t} A_{i,t}`` including the clip indicator (so that the sum over a class equals
     minus the summed gradient of the loss w.r.t. the members' log-probs).  Returns
     ``(w_agg, w_agg_abs)``: the sum over whole-group classes of ``W_c`` and of ``|W_c|``
-    (float64 scalars).  Both are exactly 0 for the corrected loss.
+    (float64 scalars, summed over the whole-group positions only).  Both are exactly 0 for the
+    corrected loss.  ``classes`` must come from the call's mask.
     """
-    valid = mask.to(torch.bool)
-    whole = valid & (classes.size == group_size)
-    w_class = classes.class_sum(coefficient, valid)  # W_c at each member position
-    w_agg = (coefficient.double() * whole).sum()
-    w_abs = (w_class.abs() * whole).sum() / group_size
-    return w_agg, w_abs
+    sums = torch.zeros(classes.whole_positions.numel(), dtype=torch.float64, device=coefficient.device)
+    sums.index_add_(0, classes.whole_class, coefficient.reshape(-1).index_select(0, classes.whole_positions).double())
+    return sums.sum(), sums.abs().sum()

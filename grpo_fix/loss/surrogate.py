@@ -32,9 +32,17 @@ from ..window import Window
 from .compiled import run_math, use_compiled
 from .config import SurrogateConfig
 from .diagnostics import trust_region_diagnostics
-from .math import token_advantages, token_terms, window_alpha
+from .math import masked, token_advantages, token_terms, window_alpha
 from .prefix import PrefixClasses, prefix_classes
-from .validation import CHECKS, Checks, ValueChecks, check_inputs, value_checks
+from .validation import (
+    CHECKS,
+    Checks,
+    ValueChecks,
+    check_inputs,
+    math_value_flags,
+    math_value_messages,
+    outer_value_checks,
+)
 
 
 @dataclass(frozen=True)
@@ -142,21 +150,11 @@ def surrogate_loss(
         classes = prefix_classes(completion_ids, group_size, valid)
     adv = token_advantages(cfg, advantages, valid, classes)
     alpha = window_alpha(cfg, valid, win)
-    found = value_checks(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        ref_logp,
-        win,
-        alpha,
-        weights={"is_ratio": is_ratio, "policy_mask": policy_mask},
-        entropy=entropy,
-    )
-    if extra_checks is not None and extra_checks.flags is not None:
-        found = found.extend(list(extra_checks.flags.unbind()), extra_checks.messages)
     bonus = entropy_scale(cfg, entropy_coef, valid, policy_mask, win) if entropy is not None and entropy_coef else None
-    loss, signal, metrics = run_math(
+    # an outer torch.compile trace of the caller gets no checks (reading them would break its graph);
+    # our own compiled math computes them inside its graph
+    check = not torch.compiler.is_compiling()
+    loss, signal, metrics, flags = run_math(
         policy_math,
         cfg,
         compiled,
@@ -172,12 +170,16 @@ def surrogate_loss(
         policy_mask,
         entropy if bonus is not None else None,
         bonus,
+        check,
     )
-    if found.flags is not None:  # the net under every check above: a non-finite loss is never returned silently
+    found = outer_value_checks(mask, win, signal.num_tokens, logp.shape[0])
+    if flags is not None:
+        names = [n for n, w in (("is_ratio", is_ratio), ("policy_mask", policy_mask)) if w is not None]
         found = found.extend(
-            [~torch.isfinite(loss.detach())],
-            ["the loss is not finite (an input outside the checked ranges overflowed the math)"],
+            flags, math_value_messages(logp.dtype, old_logp is not None, ref_logp is not None, names, bonus is not None)
         )
+    if extra_checks is not None:
+        found = found + extra_checks
     out = SurrogateOutput(loss=loss, signal=signal, metrics=metrics, checks=found)
     if checks == "eager":
         out.raise_on_bad_input()
@@ -198,22 +200,35 @@ def policy_math(
     policy_mask: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     bonus: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, TrustRegionSignal, dict[str, torch.Tensor]]:
-    """The part of Eq. 1 that depends on the current log-probs: ``(loss, signal, metrics)`` from
-    token advantages ``adv`` and weights ``alpha`` (what :func:`surrogate_loss` and the vocabulary
-    paths run, compiled or not; see :mod:`grpo_fix.loss.compiled`), minus the entropy bonus
-    ``bonus * sum_t H m`` when ``entropy`` is given (``bonus`` from :func:`entropy_scale`)."""
+    check: bool = True,
+) -> tuple[torch.Tensor, TrustRegionSignal, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The part of Eq. 1 that depends on the current log-probs: ``(loss, signal, metrics, value
+    flags)`` from token advantages ``adv`` and weights ``alpha`` (what :func:`surrogate_loss` runs,
+    compiled or not; see :mod:`grpo_fix.loss.compiled`), minus the entropy bonus
+    ``bonus * sum_t H m`` when ``entropy`` is given (``bonus`` from :func:`entropy_scale`).  The
+    value checks that read the log-probs are computed here, from the tensors the math sanitised,
+    so a compiled caller fuses them too (None for an empty batch or ``check=False``)."""
     terms = token_terms(cfg, logp, old_logp, adv, valid, ref_logp, alpha, is_ratio, policy_mask)
     loss = terms.loss
     if entropy is not None and bonus is not None:
-        m = valid.to(terms.per_token_loss.dtype)
-        if policy_mask is not None:
-            m = m * policy_mask.detach().to(m.dtype)
-        h = torch.where(valid, entropy.to(m.dtype), torch.zeros((), dtype=m.dtype, device=m.device))
-        loss = loss - (h * m).sum() * bonus.to(m.dtype)
+        m = terms.mask if policy_mask is None else masked(policy_mask.detach(), terms.mask)
+        loss = loss - (masked(entropy, terms.mask) * m).sum() * bonus.to(m.dtype)
     with torch.no_grad():
-        signal, metrics = trust_region_diagnostics(cfg, valid, terms, alpha, classes, group_size)
-    return loss, signal, metrics
+        signal, metrics = trust_region_diagnostics(cfg, valid, terms, classes, group_size)
+        flags = None
+        if check and logp.numel():
+            flags = math_value_flags(
+                terms.logp,
+                terms.old_logp if old_logp is not None else None,
+                adv,
+                terms.mask,
+                alpha,
+                ref_logp,
+                (is_ratio, policy_mask),
+                entropy if bonus is not None else None,
+                loss,
+            )
+    return loss, signal, metrics, flags
 
 
 def entropy_scale(

@@ -28,7 +28,7 @@ import torch
 
 from ..kernels.checks import check_tensor
 from ..window import Window
-from .math import compute_dtype, ratio_bound
+from .math import compute_dtype, masked, ratio_bound
 
 Checks = Literal["eager", "deferred"]
 CHECKS = ("eager", "deferred")
@@ -103,33 +103,43 @@ def check_inputs(
 
 @dataclass
 class ValueChecks:
-    """The value checks of one call as a device bool vector and what each entry means.
+    """The value checks of one call: device bool vectors and what each entry means.
 
-    :meth:`raise_if_bad` reads the flags (one host sync) and raises ``ValueError`` naming every
-    failed check; ``flags`` is ``None`` when nothing was checked (empty batch, compile trace).
+    :meth:`raise_if_bad` reads them (one host sync) and raises ``ValueError`` naming every failed
+    check; nothing is read when nothing was checked (an empty batch, a compile trace).
     """
 
-    flags: torch.Tensor | None = None
+    parts: tuple[torch.Tensor, ...] = ()
     messages: tuple[str, ...] = ()
     _read: bool = field(default=False, repr=False)
 
+    @property
+    def flags(self) -> torch.Tensor | None:
+        """All flags as one bool vector (None when nothing was checked)."""
+        if not self.parts:
+            return None
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+
     def raise_if_bad(self) -> None:
         """Read the flags (the one sync, at most once) and raise ``ValueError`` if any is set."""
-        if self.flags is None or self._read:
+        flags = self.flags
+        if flags is None or self._read or torch.compiler.is_compiling():
             return
         self._read = True
-        if not self.flags.any().item():  # the one host sync
+        if not flags.any().item():  # the one host sync
             return
-        raise ValueError("; ".join(m for m, bad in zip(self.messages, self.flags.tolist()) if bad))
+        raise ValueError("; ".join(m for m, bad in zip(self.messages, flags.tolist()) if bad))
 
-    def extend(self, flags: Sequence[torch.Tensor], messages: Sequence[str]) -> ValueChecks:
-        """These checks plus ``flags`` (0-dim bool tensors) with their ``messages``."""
-        if not flags:
-            return self
-        new = torch.stack([f.reshape(()).to(torch.bool) for f in flags])
-        if self.flags is not None:
-            new = torch.cat([self.flags, new.to(self.flags.device)])
-        return ValueChecks(new, self.messages + tuple(messages))
+    def extend(self, flags: torch.Tensor | Sequence[torch.Tensor], messages: Sequence[str]) -> ValueChecks:
+        """These checks plus ``flags`` (a bool vector, or 0-dim bool tensors) with their ``messages``."""
+        if not isinstance(flags, torch.Tensor):
+            if not flags:
+                return self
+            flags = torch.stack([f.reshape(()) for f in flags])
+        return ValueChecks(self.parts + (flags,), self.messages + tuple(messages))
+
+    def __add__(self, other: ValueChecks) -> ValueChecks:
+        return ValueChecks(self.parts + other.parts, self.messages + other.messages)
 
 
 #: Bound on |log-probs| at valid positions: it keeps every ratio and KL term of Eq. 1 finite (a huge
@@ -137,76 +147,107 @@ class ValueChecks:
 LOGP_BOUND = 1e6
 
 
-def _outside_logprob_range(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Some valid entry is NaN, inf or beyond :data:`LOGP_BOUND` (NaN fails the comparison too)."""
-    return (~(t.abs() <= LOGP_BOUND) & valid).any()
+def _beyond(t: torch.Tensor, bound: float) -> torch.Tensor:
+    """0-dim flag: some entry of ``t`` (0 where masked) is NaN, inf or beyond ``bound`` in magnitude
+    (one reduction; NaN fails the comparison)."""
+    if not t.numel():
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return ~((high <= bound) & (low >= -bound))
 
 
-def value_checks(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
+def math_value_flags(
+    lp: torch.Tensor,
+    old: torch.Tensor | None,
+    adv: torch.Tensor,
     mask: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    window: Window,
     alpha: torch.Tensor,
-    weights: dict[str, torch.Tensor | None] | None = None,
+    ref_logp: torch.Tensor | None = None,
+    weights: Sequence[torch.Tensor | None] = (),
     entropy: torch.Tensor | None = None,
-) -> ValueChecks:
-    """The value checks of a loss call as device flags (no host sync; module docstring).
+    loss: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The value checks that read the log-probs, as one bool vector (order of :func:`math_value_messages`).
 
-    ``alpha`` is the call's weight (:func:`grpo_fix.loss.math.window_alpha`): together with the
-    ratio clamp it bounds the per-token gradient ``alpha |A| s`` and the loss, so advantages large
-    enough to overflow either (in the log-probs' dtype / the compute dtype) are rejected instead
-    of turning into inf or NaN.
+    Computed inside the loss's math (so ``torch.compile`` fuses them with it) from the tensors the
+    math already sanitised (0 where masked, +-dtype max where a valid entry was NaN/inf): ``lp``,
+    ``old`` and ``adv``; ``mask`` is the 0/1 float mask.  ``alpha`` with the ratio clamp bounds the
+    per-token gradient ``alpha |A| s`` and the loss: advantages large enough to overflow either (in
+    the log-probs' dtype / the compute dtype) are flagged with NaN/inf ones instead of turning into
+    inf or NaN.
     """
-    if torch.compiler.is_compiling() or logp.numel() == 0:
+    growth = math.exp(ratio_bound(lp.dtype))
+    # largest |dL/dlogp| the clamp allows must fit the gradient's dtype, and n of them the loss's
+    limit = min(torch.finfo(lp.dtype).max, torch.finfo(compute_dtype(lp.dtype)).max / (mask.numel() * _OVERFLOW_MARGIN))
+    weight = alpha if alpha.dim() == 0 else alpha.amax()
+    flags = [
+        _beyond(lp, LOGP_BOUND),
+        *([_beyond(old, LOGP_BOUND)] if old is not None else []),
+        *([_beyond(masked(ref_logp, mask), LOGP_BOUND)] if ref_logp is not None else []),
+        _beyond(adv * weight.to(adv.dtype), limit / growth),
+    ]
+    for w in weights:
+        if w is not None:
+            wv = masked(w, mask)
+            flags.append(
+                ~(wv.amin() >= 0) | _beyond(wv, torch.finfo(wv.dtype).max / 2)
+                if wv.numel()
+                else torch.zeros((), dtype=torch.bool, device=mask.device)
+            )
+    if entropy is not None:
+        flags.append(_beyond(masked(entropy.detach(), mask), torch.finfo(mask.dtype).max / 2))
+    if loss is not None:
+        flags.append(~(loss.detach().abs() <= math.inf))
+    return torch.stack(flags)
+
+
+def math_value_messages(
+    lp_dtype: torch.dtype,
+    has_old: bool,
+    has_ref: bool,
+    weight_names: Sequence[str],
+    has_entropy: bool,
+    has_loss: bool = True,
+) -> tuple[str, ...]:
+    """What each entry of :func:`math_value_flags` reports."""
+
+    def logprobs(name: str) -> str:
+        return f"{name} has NaN/inf at valid (mask=1) positions, or |values| > {LOGP_BOUND:g} (not log-probabilities)"
+
+    return (
+        logprobs("logp"),
+        *([logprobs("old_logp")] if has_old else []),
+        *([logprobs("ref_logp")] if has_ref else []),
+        f"advantages contain NaN/inf at valid (mask=1) positions, or are too large: alpha * |A| * ratio could "
+        f"overflow {lp_dtype} (the gradient) or the loss; normalise the rewards "
+        "(group_advantages(..., scale='group')) or compute log-probs in float32",
+        *(f"{name} has NaN/inf or negative values at valid (mask=1) positions" for name in weight_names),
+        *(["entropy has NaN/inf at valid (mask=1) positions"] if has_entropy else []),
+        *(["the loss is not finite (an input outside the checked ranges overflowed the math)"] if has_loss else []),
+    )
+
+
+def outer_value_checks(mask: torch.Tensor, window: Window, num_tokens: torch.Tensor, rows: int) -> ValueChecks:
+    """The value checks that do not read the log-probs: a mask of 0/1 (non-bool masks only) and a
+    window at least as large as the call (``num_tokens``: the call's valid tokens)."""
+    if torch.compiler.is_compiling() or mask.numel() == 0:
         return ValueChecks()
-    valid = mask.to(torch.bool)
-    B = logp.shape[0]
-    adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
-    adv_valid = torch.where(valid, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
-    weighted = (alpha * adv_valid.abs().to(torch.float64)).expand_as(logp)
-    growth = math.exp(ratio_bound(logp.dtype))
-    checks: list[torch.Tensor | None] = [
-        ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else None,
-        _outside_logprob_range(logp, valid),
-        _outside_logprob_range(old_logp, valid) if old_logp is not None else None,
-        _outside_logprob_range(ref_logp, valid) if ref_logp is not None else None,
-        (~torch.isfinite(adv) & valid).any(),
-        (weighted.amax() * growth > torch.finfo(logp.dtype).max)
-        | (weighted.sum() * growth * _OVERFLOW_MARGIN > torch.finfo(compute_dtype(logp.dtype)).max),
-    ]
-    messages = [
-        "mask must contain only 0 and 1",
-        *(
-            f"{name} has NaN/inf at valid (mask=1) positions, or |values| > {LOGP_BOUND:g} (not log-probabilities)"
-            for name in ("logp", "old_logp", "ref_logp")
-        ),
-        "advantages contain NaN/inf at valid (mask=1) positions",
-        f"advantages are too large: alpha * |A| * ratio could overflow {logp.dtype} (the gradient) or the "
-        "loss; normalise the rewards (group_advantages(..., scale='group')) or compute log-probs in float32",
-    ]
+    flags, messages = [], []
+    if mask.dtype != torch.bool:
+        flags.append(((mask != 0) & (mask != 1)).any())
+        messages.append("mask must contain only 0 and 1")
     if window.tokens is not None:
-        tokens = torch.as_tensor(window.tokens, dtype=torch.float64, device=logp.device)
-        checks.append(~torch.isfinite(tokens) | (valid.sum() > tokens))
+        tokens = torch.as_tensor(window.tokens, dtype=torch.float64, device=num_tokens.device)
+        flags.append(~torch.isfinite(tokens) | (num_tokens > tokens))
         messages.append(
             "Window.tokens / num_window_tokens is smaller than the valid tokens of this call (or not "
             "finite); it must count the whole optimizer window (all micro-batches, all ranks)"
         )
     if window.seqs is not None:
-        seqs = torch.as_tensor(window.seqs, dtype=torch.float64, device=logp.device)
-        checks.append(~torch.isfinite(seqs) | (seqs < B))
+        seqs = torch.as_tensor(window.seqs, dtype=torch.float64, device=num_tokens.device)
+        flags.append(~torch.isfinite(seqs) | (seqs < rows))
         messages.append(
-            f"Window.seqs / num_window_seqs is smaller than the {B} sequences of this call (or not "
+            f"Window.seqs / num_window_seqs is smaller than the {rows} sequences of this call (or not "
             "finite); it must count the sequences of the whole optimizer window"
         )
-    for name, w in (weights or {}).items():
-        if w is not None:
-            checks.append(((~torch.isfinite(w) | (w < 0)) & valid).any())
-            messages.append(f"{name} has NaN/inf or negative values at valid (mask=1) positions")
-    if entropy is not None:
-        checks.append((~torch.isfinite(entropy) & valid).any())
-        messages.append("entropy has NaN/inf at valid (mask=1) positions")
-    kept = [(f, m) for f, m in zip(checks, messages) if f is not None]
-    return ValueChecks().extend([f for f, _ in kept], [m for _, m in kept])
+    return ValueChecks().extend(flags, messages)
