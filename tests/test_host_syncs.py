@@ -135,3 +135,49 @@ def test_value_errors_still_raised_after_the_math():
         surrogate_loss(cfg_for("dapo", 0.0), lp, old, d["adv"], d["mask"], group_size=None)
     with pytest.raises(ValueError, match="num_window_tokens is smaller.*"):
         surrogate_loss(cfg_for("uniform", 0.0), lp, d["old"], d["adv"], d["mask"], group_size=None, num_window_tokens=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# eager op counts per loss call (what a GPU launches when the math is not compiled)
+# ------------------------------------------------------------------------------------------------
+#: Upper bounds on eager ops per call, forward + backward, on (B, T) log-probs with old and ref-free
+#: presets.  TRL 1.16's own ``_compute_loss`` dispatches 125 for the same loss and metrics
+#: (``benchmarks/results/loss_cpu.md``); the bounds keep ours below it.
+OPS_BOUND = {"dapo": 120, "grpo": 122, "uniform": 120}
+
+
+@pytest.mark.parametrize("name", sorted(OPS_BOUND))
+def test_eager_ops_per_loss_call_stay_below_trl(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("opcount", bench / "opcount.py")
+        opcount = importlib.util.module_from_spec(spec)
+        sys.modules["opcount"] = opcount
+        spec.loader.exec_module(opcount)
+    finally:
+        sys.path.remove(str(bench))
+    g = torch.Generator().manual_seed(0)
+    B, T = 16, 32
+    logp = -torch.rand(B, T, generator=g)
+    old = (logp + 0.05 * torch.randn(B, T, generator=g)).clamp_max(0)
+    adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) < 0.9
+    leaf = logp.clone().requires_grad_(True)
+    fwd, bwd = opcount.count_forward_backward(
+        lambda: surrogate_loss(cfg_for(name, 0.0), leaf, old, adv, mask, group_size=None, compile_math="never").loss
+    )
+    assert fwd.ops + bwd.ops <= OPS_BOUND[name], (fwd.ops, bwd.ops, fwd.names)
+    assert fwd.syncs == 1 and bwd.syncs == 0
+    leaf.grad = None
+    fwd, bwd = opcount.count_forward_backward(
+        lambda: (
+            surrogate_loss(
+                cfg_for(name, 0.0), leaf, old, adv, mask, group_size=None, compile_math="never", checks="deferred"
+            ).loss
+        )
+    )
+    assert fwd.syncs == 0 and bwd.syncs == 0
