@@ -119,6 +119,13 @@ class GRPOFixConfig(GRPOConfig):
         self.prefix_consistent = _resolve_prefix_consistent(self)
         super().__post_init__()
         checks.check_schedule(self)
+        try:  # the loss the trainer will build: refuse bad loss settings now, not at the first step
+            surrogate_config_from_args(self)
+        except ValueError as e:
+            raise ValueError(
+                f"invalid loss settings for loss_type={self.loss_type!r}: {e} (TRL's epsilon / epsilon_high are the "
+                "loss's eps_low / eps_high; cispo's cap is epsilon_high)"
+            ) from None
         checks.check_distributed_options(self)
         if self.loss_type in LENGTH_NORMALISED:
             warnings.warn(
