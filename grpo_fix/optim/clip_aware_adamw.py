@@ -52,15 +52,17 @@ from typing import Any
 
 import torch
 
+from ..kernels.adamw_step import nonfinite_check_
 from ..options import Backend, deprecated
 from ..signal import TrustRegionSignal
 from .backtrack import NonFiniteRemeasure, StepSnapshot, backtrack_step
 from .controller import CONTROLLER_SETTINGS, STUCK_WINDOWS, advance_controller, stuck_message
-from .finite import all_finite, raise_if_sparse
+from .finite import all_finite
 from .functional import clip_aware_adamw
 from .gate import read_window
-from .group_state import check_loaded_group, fill_group
-from .hyperparameters import DEFAULTS, check_adamw_settings, check_lr, check_settings, defaults
+from .group_state import PendingSkips, check_loaded_group, fill_group
+from .hyperparameters import DEFAULTS, check_adamw_settings, check_fused_group, check_settings, defaults
+from .step_inputs import Collected, groups_with_grads, on_triton, steps_on_device
 
 __all__ = ["ClipAwareAdamW"]
 
@@ -140,6 +142,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
     last_stats: dict[str, float]
     _backtrack_fn: Callable[[], TrustRegionSignal] | None
     _deepspeed: dict[str, Any] | None
+    _pending_skips: PendingSkips
 
     def __init__(
         self,
@@ -170,17 +173,19 @@ class ClipAwareAdamW(torch.optim.AdamW):
         backend: Backend = "auto",
         kernel: str | None = None,
     ) -> None:
-        if capturable:
-            raise ValueError(
-                "ClipAwareAdamW does not support capturable=True (CUDA graphs): the controller "
-                "and the non-finite check branch on host scalars; pass capturable=False"
-            )
-        if differentiable:
-            raise ValueError("ClipAwareAdamW does not support differentiable=True; pass differentiable=False")
         if kernel is not None:
             deprecated(f"ClipAwareAdamW(kernel={kernel!r})", f"backend={kernel!r}")
             backend = kernel  # type: ignore[assignment]
-        check_adamw_settings(lr, betas, eps, weight_decay)
+        check_adamw_settings(
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            backend=backend,
+        )
         settings = check_settings({k: v for k, v in locals().items() if k in DEFAULTS})
         super().__init__(
             params,
@@ -197,6 +202,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         )
         self.__dict__.update(settings)
         self.__dict__.update(copy.deepcopy(_LOCAL_ATTRS))  # _deepspeed: set by attach_deepspeed
+        self._pending_skips = PendingSkips()
         # GradScaler must unscale and skip overflow steps itself (we pre-scale exp_avg).
         self._step_supports_amp_scaling = False
         self.last_stats = dict(_FRESH_STATS)
@@ -207,18 +213,13 @@ class ClipAwareAdamW(torch.optim.AdamW):
         (:mod:`grpo_fix.optim.group_state`)."""
         super().add_param_group(param_group)
         group, i = self.param_groups[-1], len(self.param_groups) - 1
-        if group.get("fused"):  # torch would refuse at the first step; refuse here, naming the parameter
-            for j, p in enumerate(group["params"]):
-                if not torch.is_floating_point(p):
-                    raise ValueError(
-                        f"fused=True needs real floating-point parameters, but param_groups[{i}]['params'][{j}] is "
-                        f"{p.dtype}; pass fused=False (foreach or single-tensor updates support it)"
-                    )
+        check_fused_group(group, i)
         fill_group(group, like=self.param_groups[0] if i > 0 else None)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the settings and
         # last_stats too (the process-local attributes are not kept)
+        self._pending_skips.fold()
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in (*DEFAULTS, "last_stats") if hasattr(self, k)})
         return state
@@ -234,6 +235,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         # pickle lacks settings: their defaults
         for k, v in {**defaults(), **_LOCAL_ATTRS, "last_stats": _FRESH_STATS}.items():
             self.__dict__.setdefault(k, copy.deepcopy(v))
+        self._pending_skips = PendingSkips()  # what was pending was folded before saving
         self._step_supports_amp_scaling = False
         for i, group in enumerate(self.param_groups):
             check_loaded_group(group, i, self.alpha_min)
@@ -303,10 +305,16 @@ class ClipAwareAdamW(torch.optim.AdamW):
         (:func:`~grpo_fix.integration.deepspeed.attach_deepspeed`) the steps the engine skipped
         itself without calling ``step()`` (an fp16 loss-scale overflow, ZeRO's own overflow check)
         are added: ``engine.skipped_steps``, which DeepSpeed keeps in its checkpoints."""
+        self._pending_skips.fold()
         own = int(max((g.get("ca_skipped", 0) for g in self.param_groups), default=0))
         engine = self._deepspeed.get("engine") if self._deepspeed else None
         engine = engine() if engine is not None else None  # a weak reference
         return own + int(getattr(engine, "skipped_steps", 0) or 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with the skips decided on the device counted."""
+        self._pending_skips.fold()
+        return super().state_dict()
 
     @staticmethod
     def _count_skip(groups: list[dict[str, Any]]) -> None:
@@ -344,8 +352,16 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if any(g["ca_invalid"] for g in groups):
             self._count_skip(groups)
             return loss
-        collected = self._groups_with_grads()
+        collected = groups_with_grads(self.param_groups)
         if not collected:
+            return loss
+        if self._checks_on_device(collected):
+            # Triton everywhere: the kernel reads a device flag, nothing is read on the host
+            ok = torch.ones((), dtype=torch.float32, device=collected[0][1][0].device)
+            nonfinite_check_([p.grad for _, ps in collected for p in ps if p.grad is not None], ok)
+            for group, _ in collected:
+                self._step_group(group, ok)
+            self._pending_skips.record(groups, ok)
             return loss
         if not all_finite([p.grad for _, ps in collected for p in ps if p.grad is not None]):
             if self.nonfinite == "raise":
@@ -359,24 +375,19 @@ class ClipAwareAdamW(torch.optim.AdamW):
                 self._step_group(group)
         return loss
 
-    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
-        """Each group with parameters that have a gradient, and those parameters; ``TypeError``
-        for a sparse gradient and ``ValueError`` for an invalid lr, naming them."""
-        out = []
-        for i, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if not torch.is_tensor(group["lr"]):  # a tensor lr was checked once, at construction
-                check_lr(group["lr"], group["weight_decay"], f"param_groups[{i}]['lr']")
-            raise_if_sparse(group["params"], i)
-            out.append((group, params))
-        return out
+    def _checks_on_device(self, collected: Collected) -> bool:
+        """Whether this step decides on the device to skip a non-finite gradient: every group on
+        the Triton path on one device, no backtrack, ``nonfinite="skip"``."""
+        if self.nonfinite != "skip" or (self.backtrack and self._backtrack_fn is not None):
+            return False
+        if len({p.device for _, ps in collected for p in ps}) != 1:
+            return False
+        return all(on_triton(self.backend, g, ps) for g, ps in collected)
 
     def _backtracked_step(
         self,
         fn: Callable[[], TrustRegionSignal],
-        collected: list[tuple[dict[str, Any], list[torch.Tensor]]],
+        collected: Collected,
         groups: list[dict[str, Any]],
     ) -> None:
         """The step with backtracking, all or nothing (:mod:`grpo_fix.optim.backtrack`)."""
@@ -407,16 +418,14 @@ class ClipAwareAdamW(torch.optim.AdamW):
             raise
         self.last_stats = dict(self.last_stats, **stats)
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        exp_avgs: list[torch.Tensor] = []
-        exp_avg_sqs: list[torch.Tensor] = []
-        max_exp_avg_sqs: list[torch.Tensor] = []
-        state_steps: list[torch.Tensor] = []
-        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    def _step_group(self, group: dict[str, Any], ok: torch.Tensor | None = None) -> None:
+        lists: list[list[torch.Tensor]] = [[] for _ in range(6)]
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+        has_complex = self._init_group(group, *lists)
         if not params:
             return
+        if on_triton(self.backend, group, params):
+            state_steps = steps_on_device(self.state, params)
         beta1, beta2 = group["betas"]
         clip_aware_adamw(
             params,
@@ -431,12 +440,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
             m_scales=[float(self.state[p].pop("ca_m_scale", 1.0)) for p in params],
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            fused=group["fused"],
             backend=self.backend,
             has_complex=has_complex,
+            ok=ok,
+            **{k: group[k] for k in ("eps", "weight_decay", "amsgrad", "maximize", "foreach", "fused")},
         )

@@ -6,10 +6,10 @@ Shared by :class:`grpo_fix.ClipAwareAdamW` (skip a step whose gradients are not 
 
 - :func:`nonfinite_flags`: one flag per tensor, computed on the tensors' device without reading
   anything on the host (the monitor reads its flags late, in one batch);
-- :func:`all_finite`: the host answer for a list of tensors.  A fast multi-tensor L2 norm (one
-  pass over the data, the cheapest read-only reduction torch has) settles the common case: a
-  finite norm proves every element finite.  Only the tensors whose norm is not finite (a NaN, an
-  infinity, or an overflow of the sum of squares) are looked at per element.
+- :func:`all_finite`: the host answer for a list of tensors.  A fast sum of squares per tensor
+  (one read-only pass over the data) settles the common case: a finite sum proves every element
+  finite.  Only the tensors whose sum is not finite (a NaN, an infinity, or an overflow of the
+  sum) are looked at per element.
 
 Complex tensors are checked through their real view, sparse ones through their stored values.
 """
@@ -87,6 +87,16 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> dict[torch.device, tuple
     return out
 
 
+def _sums_of_squares(vals: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per tensor, a sum of squares (finite only if every element is): BLAS ``dot`` for dense
+    fp32/fp64 CPU tensors (the fastest read-only pass there), else a multi-tensor L2 norm
+    accumulated in at least fp32 (an fp16 norm never overflows; a sharded one reduces over shards)."""
+    plain = all(v.device.type == "cpu" and v.is_contiguous() and not hasattr(v, "full_tensor") for v in vals)
+    if plain and dtype in (torch.float32, torch.float64):
+        return torch.stack([torch.dot(v.view(-1), v.view(-1)) for v in vals])
+    return torch.stack(torch._foreach_norm(vals, 2, dtype=torch.promote_types(dtype, torch.float32)))
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (one host read per device and dtype on
     the common path; the per-element check only for tensors whose L2 norm is not finite)."""
@@ -96,8 +106,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         if v.numel():
             groups.setdefault((v.device, v.dtype), []).append(v)
     for (_, dtype), vals in groups.items():
-        norms = torch.stack(torch._foreach_norm(vals, 2, dtype=torch.promote_types(dtype, torch.float32)))
-        finite = _full(torch.isfinite(norms))
+        finite = _full(torch.isfinite(_sums_of_squares(vals, dtype)))
         if bool(finite.all()):
             continue
         suspects = [v for v, ok in zip(vals, finite.tolist()) if not ok]

@@ -19,21 +19,25 @@ and ``alpha == 1`` this is ``torch.optim.AdamW``'s update.
 
 Implementations (``backend``):
 
-- ``"torch"``: torch's own AdamW kernels (single-tensor, ``foreach`` or ``fused``, as torch
-  chooses them from ``foreach`` / ``fused``), after scaling the carried momentum by
-  ``kappa * s`` where it is not 1;
-- ``"triton"``: the single-pass kernel of :mod:`grpo_fix.kernels.adamw_step` (real, contiguous
-  tensors, no ``amsgrad``, a float ``lr``);
-- ``"auto"``: Triton for CUDA tensors when triton imports and the tensors qualify (and the step
-  counts live on the host, as torch keeps them without ``fused``), torch otherwise.
+- ``"torch"``: without the gate and the controller (``kappa * s == 1``, ``alpha == 1``) torch's
+  own ``adam()`` (single-tensor, ``foreach`` or ``fused``, as torch picks them from ``foreach`` /
+  ``fused``), bit for bit; otherwise the same three with the gate and ``alpha`` folded in
+  (:mod:`grpo_fix.optim.torch_update`);
+- ``"triton"``: the multi-tensor kernel of :mod:`grpo_fix.kernels.adamw_step`, one launch per
+  param group (real, contiguous tensors, no ``amsgrad``, a float ``lr``; the step counts on the
+  parameters' device);
+- ``"auto"``: Triton for CUDA tensors when triton imports, the tensors qualify and ``fused=True``
+  does not ask for torch's fused kernel; torch otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..options import Backend, check_backend
+from .torch_update import StepScalars, fused_update, multi_tensor_update, single_tensor_update
 
 __all__ = ["clip_aware_adamw", "uses_triton"]
 
@@ -41,22 +45,27 @@ __all__ = ["clip_aware_adamw", "uses_triton"]
 def uses_triton(
     backend: Backend,
     params: list[torch.Tensor],
-    state_steps: list[torch.Tensor],
+    grads: list[torch.Tensor],
     *,
     lr: float | torch.Tensor,
     amsgrad: bool,
-    has_complex: bool,
+    fused: bool | None,
 ) -> bool:
     """Whether :func:`clip_aware_adamw` runs the Triton kernel for these tensors.
 
     ``"torch"``: never.  ``"triton"``: always; ``ValueError`` when the tensors do not qualify
     (complex, non-contiguous, ``amsgrad``, a tensor ``lr``).  ``"auto"``: when they qualify, are
-    CUDA tensors with host-resident step counts, and triton imports.
+    CUDA tensors, ``fused=True`` does not ask for torch's fused kernel, and triton imports.
     """
     backend = check_backend(backend)
     if backend == "torch":
         return False
-    qualifies = not has_complex and not amsgrad and not torch.is_tensor(lr) and all(p.is_contiguous() for p in params)
+    qualifies = (
+        not amsgrad
+        and not torch.is_tensor(lr)
+        and all(p.is_floating_point() and p.is_contiguous() for p in params)
+        and all(g.is_contiguous() for g in grads)
+    )
     if backend == "triton":
         if not qualifies:
             raise ValueError(
@@ -64,10 +73,7 @@ def uses_triton(
                 "pass backend='torch' (or 'auto') for these parameters"
             )
         return True
-    if not qualifies or not all(p.is_cuda for p in params):
-        return False
-    if any(st.is_cuda for st in state_steps):
-        # fused=True keeps `step` on the GPU: reading it per tensor would sync; torch's fused kernel runs instead
+    if not qualifies or fused or not all(p.is_cuda for p in params):
         return False
     from grpo_fix.kernels.adamw_step import triton_available
 
@@ -96,6 +102,7 @@ def clip_aware_adamw(
     fused: bool | None = None,
     backend: Backend = "auto",
     has_complex: bool = False,
+    ok: torch.Tensor | None = None,
 ) -> None:
     """One clip-aware AdamW step on every tensor, in place (see the module docstring).
 
@@ -112,6 +119,9 @@ def clip_aware_adamw(
         foreach, fused: torch's implementation choice (``backend="torch"`` or the torch fallback).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (module docstring).
         has_complex: whether any parameter is complex (torch's ``_init_group`` reports it).
+        ok: Triton backend only: a 0-dim fp32 device flag (1 = step, 0 = skip) the kernel reads,
+            e.g. cleared by :func:`grpo_fix.kernels.adamw_step.nonfinite_check_`; the Triton
+            backend needs ``state_steps`` on the parameters' device (it advances them there).
     """
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
@@ -119,7 +129,7 @@ def clip_aware_adamw(
     if n == 0:
         return
     scales = [kappa * float(s) for s in m_scales] if m_scales is not None else [float(kappa)] * n
-    if uses_triton(backend, params, state_steps, lr=lr, amsgrad=amsgrad, has_complex=has_complex):
+    if uses_triton(backend, params, grads, lr=lr, amsgrad=amsgrad, fused=fused):
         from grpo_fix.kernels.adamw_step import adamw_step_
 
         adamw_step_(
@@ -136,42 +146,33 @@ def clip_aware_adamw(
             weight_decay=weight_decay,
             m_scales=scales,
             maximize=maximize,
+            ok=ok,
         )
         return
+    if ok is not None:
+        raise ValueError("ok (a device skip flag) is read by the Triton backend only")
 
-    # the gate and any pending momentum scale: one foreach multiply per distinct scale (usually one)
-    by_scale: dict[float, list[torch.Tensor]] = {}
-    for m, s in zip(exp_avgs, scales):
-        if s != 1.0:
-            by_scale.setdefault(s, []).append(m)
-    for s, ms in by_scale.items():
-        torch._foreach_mul_(ms, s)
-    step_lr, step_wd = lr, weight_decay
-    if alpha != 1.0:
-        # torch's kernels decay by the lr they step with: decay by lr * weight_decay here
-        if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        step_lr, step_wd = lr * alpha, 0.0
-    _torch_adam(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
-        state_steps,
-        foreach=foreach,
-        capturable=False,
-        differentiable=False,
-        fused=fused,
-        grad_scale=None,
-        found_inf=None,
-        has_complex=has_complex,
-        decoupled_weight_decay=True,
-        amsgrad=amsgrad,
-        beta1=beta1,
-        beta2=beta2,
-        lr=step_lr,
-        weight_decay=step_wd,
-        eps=eps,
-        maximize=maximize,
-    )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [], state_steps)
+    if alpha == 1.0 and all(s == 1.0 for s in scales):
+        _torch_adam(
+            *lists,
+            foreach=foreach,
+            fused=fused,
+            has_complex=has_complex,
+            decoupled_weight_decay=True,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+        )
+        return
+    if fused is None and foreach is None:
+        fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    h = StepScalars(lr, alpha, beta1, beta2, eps, weight_decay, amsgrad, maximize)
+    if not fused and torch.is_tensor(lr):
+        raise ValueError("a tensor lr needs fused=True (as in torch's AdamW); pass a float lr")
+    update = fused_update if fused else multi_tensor_update if foreach else single_tensor_update
+    update(*lists, scales, h)

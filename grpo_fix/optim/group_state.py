@@ -18,7 +18,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__all__ = ["GROUP_DEFAULTS", "check_loaded_group", "fill_group"]
+import torch
+
+__all__ = ["GROUP_DEFAULTS", "PendingSkips", "check_loaded_group", "fill_group"]
 
 #: Each per-group key and its value for a group that has seen nothing.
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -67,3 +69,27 @@ def check_loaded_group(group: dict[str, Any], index: int, alpha_min: float) -> N
     for key in ("ca_skipped", "ca_stuck"):
         if isinstance(group[key], bool) or not isinstance(group[key], int) or group[key] < 0:
             raise ValueError(f"the loaded state dict has {where}['{key}'] = {group[key]!r}; it must be an int >= 0")
+
+
+class PendingSkips:
+    """Skips decided on the device (the Triton path's ``ok`` flag, never read during a step),
+    added to the groups' ``ca_skipped`` when :meth:`fold` reads them (one host read per device)."""
+
+    def __init__(self) -> None:
+        # id(group) -> [group, step() calls, device count of the calls that stepped]
+        self._pending: dict[int, list[Any]] = {}
+
+    def record(self, groups: list[dict[str, Any]], ok: torch.Tensor) -> None:
+        """One ``step()`` call of ``groups`` that stepped where ``ok`` is 1 (no host read)."""
+        applied = []
+        for g in groups:
+            entry = self._pending.setdefault(id(g), [g, 0, torch.zeros((), dtype=torch.float32, device=ok.device)])
+            entry[1] += 1
+            applied.append(entry[2])
+        torch._foreach_add_(applied, [ok] * len(applied))  # a tensor scalar would be read on the host
+
+    def fold(self) -> None:
+        """Add the pending skips to ``ca_skipped`` (reads the device counts)."""
+        for g, calls, applied in self._pending.values():
+            g["ca_skipped"] = int(g.get("ca_skipped", 0)) + calls - round(float(applied))
+        self._pending.clear()

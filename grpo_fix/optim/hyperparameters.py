@@ -15,7 +15,7 @@ import torch
 
 from ..options import check_backend
 
-__all__ = ["DEFAULTS", "check_adamw_settings", "check_lr", "check_settings", "defaults"]
+__all__ = ["DEFAULTS", "check_adamw_settings", "check_fused_group", "check_lr", "check_settings", "defaults"]
 
 #: Every clip-aware setting and its default (the constructor's keyword arguments).
 DEFAULTS: dict[str, Any] = {
@@ -91,9 +91,30 @@ def check_lr(lr: Any, weight_decay: float = 0.0, where: str = "lr") -> None:
         )
 
 
-def check_adamw_settings(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """Validate AdamW's own settings (torch accepts an infinite lr, eps or weight decay)."""
-    check_lr(lr)
+def check_adamw_settings(
+    lr: Any,
+    betas: Any,
+    eps: Any,
+    weight_decay: Any,
+    *,
+    capturable: bool,
+    differentiable: bool,
+    fused: Any,
+    backend: Any,
+) -> None:
+    """Validate AdamW's own settings (torch accepts an infinite lr, eps or weight decay) and
+    refuse the options ClipAwareAdamW cannot honour."""
+    if capturable:
+        raise ValueError(
+            "ClipAwareAdamW does not support capturable=True (CUDA graphs): the controller branches on host "
+            "scalars at observe(); pass capturable=False"
+        )
+    if differentiable:
+        raise ValueError("ClipAwareAdamW does not support differentiable=True; pass differentiable=False")
+    if fused and backend == "triton":
+        raise ValueError("fused=True asks for torch's fused kernel and backend='triton' for ours: pass one of them")
+    if torch.is_tensor(lr) and not fused:
+        raise ValueError("a tensor lr needs fused=True (as in torch's AdamW); pass a float lr or fused=True")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
@@ -105,3 +126,15 @@ def check_adamw_settings(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> No
     if not 0.0 <= _number("weight_decay", weight_decay):
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     check_lr(lr, float(weight_decay))
+
+
+def check_fused_group(group: dict[str, Any], index: int) -> None:
+    """``fused=True`` needs real floating-point parameters: refused when the group is added (torch
+    would refuse at the first step), naming the parameter."""
+    if group.get("fused"):
+        for j, p in enumerate(group["params"]):
+            if not torch.is_floating_point(p):
+                raise ValueError(
+                    f"fused=True needs real floating-point parameters, but param_groups[{index}]['params'][{j}] is "
+                    f"{p.dtype}; pass fused=False (foreach or single-tensor updates support it)"
+                )
