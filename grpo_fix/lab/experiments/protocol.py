@@ -106,14 +106,14 @@ PROTOCOLS: dict[str, Protocol] = {
         task="arith",
         metric="eval_accuracy",
         collapse_metric="eval_accuracy",
-        collapse_below=0.2,
+        collapse_below=0.25,
         inner_steps=4,
-        rollouts=30,
+        rollouts=20,
         prompts_per_rollout=16,
-        lrs=_grid(2e-5, 6),
+        lrs=_grid(6.25e-5, 6),
         val_seeds=tuple(range(1000, 1004)),
         test_seeds=tuple(range(2000, 2008)),
-        onpolicy_rollouts=30,
+        onpolicy_rollouts=20,
     ),
 }
 
