@@ -4,6 +4,7 @@ test suite's reduced size (the full-size results are committed under benchmarks/
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,9 +87,14 @@ def test_fair_protocol_runs_end_to_end_at_reduced_size(task, tmp_path, monkeypat
 
     monkeypatch.setenv("GRPO_FIX_CACHE", str(tmp_path / "cache"))
     argv = ["experiment", "fair-optimizer", "--task", task, "--smoke", "--out", str(tmp_path), "--quiet"]
+    if task == "toy":  # any seed lists
+        argv += ["--val-seeds", "7", "--test-seeds", "8"]
     assert main(argv) == 0
     rep = json.loads((tmp_path / f"fair_{task}_smoke.json").read_text())
     proto = protocol(task, smoke=True)
+    if task == "toy":
+        proto = replace(proto, val_seeds=(7,), test_seeds=(8,))
+        assert {r["seed"] for r in rep["runs"]} == {7, 8}
     assert set(rep["validation"]["curves"]) == {
         "adamw",
         "clip_aware",

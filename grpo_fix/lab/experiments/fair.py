@@ -15,6 +15,7 @@ Runs are appended to ``--runs`` (default: ``<cache>/runs/fair_<task>.jsonl``) as
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--task", choices=("toy", "arith"), default="toy")
     ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     ap.add_argument("--smoke", action="store_true", help="the test suite's reduced sizes (seconds)")
+    ap.add_argument("--val-seeds", type=int, nargs="+", help="validation seeds (default: the registered ones)")
+    ap.add_argument("--test-seeds", type=int, nargs="+", help="test seeds (default: the registered ones)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     ap.add_argument("--runs", help="JSON-lines file of finished runs (resumable)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -61,6 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     toy.offline_environment()
     proto = protocol(args.task, smoke=args.smoke)
+    if args.val_seeds or args.test_seeds:
+        proto = replace(
+            proto,
+            val_seeds=tuple(args.val_seeds or proto.val_seeds),
+            test_seeds=tuple(args.test_seeds or proto.test_seeds),
+        )
     suffix = "_smoke" if args.smoke else ""
     runs = Path(args.runs or arith.cache_dir() / "runs" / f"fair_{args.task}{suffix}.jsonl")
     log = None if args.quiet else lambda msg: print(msg, flush=True)
