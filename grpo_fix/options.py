@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Literal, get_args
+from types import FrameType
+from typing import Any, Literal, cast, get_args
 
 Backend = Literal["auto", "torch", "triton"]
 CompileMath = Literal["auto", "always", "never"]
@@ -24,7 +25,7 @@ CompileMath = Literal["auto", "always", "never"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 COMPILE_CHOICES: tuple[str, ...] = get_args(CompileMath)
 
-_OLD_COMPILE = {True: "always", False: "never"}
+_OLD_COMPILE: dict[bool, CompileMath] = {True: "always", False: "never"}
 
 
 def deprecated(old: str, new: str) -> None:
@@ -51,11 +52,12 @@ def _caller_stacklevel() -> int:
 
     roots = [os.path.dirname(os.path.abspath(torch.__file__)) + os.sep]
     for package in ("grpo_fix", "grpo_fix.kernels", "grpo_fix.integration"):  # separate folders in a checkout
-        module = sys.modules.get(package)
-        if module is not None and getattr(module, "__file__", None):
-            roots.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+        path = getattr(sys.modules.get(package), "__file__", None)
+        if path:
+            roots.append(os.path.dirname(os.path.abspath(path)) + os.sep)
     skip = tuple(roots)
-    frame, level = sys._getframe(2), 2
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
@@ -65,7 +67,7 @@ def check_backend(backend: Any, name: str = "backend") -> Backend:
     """``backend`` if it is one of :data:`BACKENDS`, else ``ValueError`` naming the argument."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
-    return backend  # type: ignore[return-value]
+    return cast(Backend, backend)
 
 
 def check_compile_math(compile_math: Any, name: str = "compile_math") -> CompileMath:
@@ -74,7 +76,7 @@ def check_compile_math(compile_math: Any, name: str = "compile_math") -> Compile
     if isinstance(compile_math, bool):
         new = _OLD_COMPILE[compile_math]
         deprecated(f"{name}={compile_math}", f"{name}={new!r}")
-        return new  # type: ignore[return-value]
+        return new
     if not isinstance(compile_math, str) or compile_math not in COMPILE_CHOICES:
         raise ValueError(f"{name} must be one of {COMPILE_CHOICES}, got {compile_math!r}")
-    return compile_math  # type: ignore[return-value]
+    return cast(CompileMath, compile_math)

@@ -29,6 +29,7 @@ rollout batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -57,7 +58,8 @@ class TrustRegionSignal:
     def zeros(device: torch.device | str | None = None, *, rollout_start: bool = False) -> TrustRegionSignal:
         """An empty signal (the identity of :meth:`__add__`)."""
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return TrustRegionSignal(*(z.clone() for _ in range(7)), rollout_start=rollout_start)
+        kw: dict[str, Any] = {f: z.clone() for f in TENSOR_FIELDS}
+        return TrustRegionSignal(**kw, rollout_start=rollout_start)
 
     # -- accumulation -----------------------------------------------------------------------
     def __add__(self, other: TrustRegionSignal) -> TrustRegionSignal:
@@ -78,7 +80,7 @@ class TrustRegionSignal:
     def to(self, device: torch.device | str) -> TrustRegionSignal:
         return self._map(lambda t: t.to(device))
 
-    def _map(self, fn) -> TrustRegionSignal:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TrustRegionSignal:
         kw = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "rollout_start"}
         return TrustRegionSignal(**kw, rollout_start=self.rollout_start)
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Any
 
 import torch
 
 from .options import deprecated
 
-Count = Union[int, float, torch.Tensor]
+Count = int | float | torch.Tensor
 
 #: The keyword arguments of earlier releases, mapped to :class:`Window` fields.
 LEGACY_KEYWORDS = {
@@ -86,7 +86,7 @@ class Window:
         _check_positive_int("dp_size", self.dp_size)
 
     @classmethod
-    def resolve(cls, window: Window | None, legacy: dict) -> Window:
+    def resolve(cls, window: Window | None, legacy: dict[str, Any]) -> Window:
         """``window``, or one built from the keyword arguments of earlier releases
         (``num_window_tokens``, ``num_window_seqs``, ``num_micro_batches``, ``dp_size``; each
         accepted with a ``DeprecationWarning``).  Unknown keywords raise ``TypeError``."""

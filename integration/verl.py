@@ -46,11 +46,12 @@ through ``actor_rollout_ref.actor.optim.override_optimizer_config={alpha_init: 0
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from grpo_fix import PRESETS, SurrogateConfig, TrustRegionSignal, surrogate_loss
+from grpo_fix import PRESETS, SignalAccumulator, SurrogateConfig, TrustRegionSignal, Window, surrogate_loss
 from grpo_fix.loss.math import LOG_RATIO_CLAMP
 from grpo_fix.optim import ClipAwareAdamW as _ClipAwareAdamW
 
@@ -60,7 +61,7 @@ __all__ = ["LOSS_NAME", "ClipAwareAdamW", "loss_config", "pending_signal", "poli
 LOSS_NAME = "grpo_fix"
 
 
-def _get(config: Any, name: str, default=None):
+def _get(config: Any, name: str, default: Any = None) -> Any:
     """A field of verl's ActorConfig (a dataclass with ``.get``), a dict or any object."""
     if config is None:
         return default
@@ -86,22 +87,8 @@ def loss_config(actor_config: Any) -> SurrogateConfig:
     )
 
 
-class _PendingSignal:
-    """The signal of the loss calls since the last optimizer step of this process."""
-
-    def __init__(self) -> None:
-        self._sum: TrustRegionSignal | None = None
-
-    def add(self, signal: TrustRegionSignal) -> None:
-        signal = signal.detach()
-        self._sum = signal if self._sum is None else self._sum + signal
-
-    def take(self) -> TrustRegionSignal | None:
-        out, self._sum = self._sum, None
-        return out
-
-
-_PENDING = _PendingSignal()
+#: The signal of this process's loss calls (with gradients) since the last optimizer step.
+_PENDING = SignalAccumulator()
 
 
 def pending_signal() -> TrustRegionSignal | None:
@@ -144,6 +131,7 @@ def policy_loss(
             )
         adv = advantages * rollout_is_weights
     cfg = loss_config(config)
+    assert cfg.delta is not None  # loss_config sets the dual clip
     out = surrogate_loss(
         cfg,
         log_prob,
@@ -151,10 +139,7 @@ def policy_loss(
         adv,
         response_mask,
         group_size=None,
-        num_window_tokens=num_tokens,
-        num_window_seqs=None,
-        num_micro_batches=1,
-        dp_size=dp_size,
+        window=Window(tokens=num_tokens, dp_size=dp_size),
     )
     if log_prob.requires_grad and torch.is_grad_enabled():
         _PENDING.add(out.signal)
@@ -181,12 +166,12 @@ class ClipAwareAdamW(_ClipAwareAdamW):
     :func:`policy_loss` accumulated since the previous step (all-reduced over the default
     process group) before stepping.  A step with no loss call in between keeps the last signal."""
 
-    def __init__(self, params, *args, **kwargs) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *args: Any, **kwargs: Any) -> None:
         if kwargs.get("reset_on_rollout"):
             raise ValueError("reset_on_rollout=True needs rollout boundaries, which a verl policy loss cannot see")
         super().__init__(params, *args, **kwargs)
 
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         signal = pending_signal()
         if signal is not None:
             self.observe(signal.all_reduce())

@@ -99,7 +99,7 @@ def fused_linear_logprob(
     chunks: Sequence[torch.Tensor],
     *,
     rows: torch.Tensor | None = None,
-    grad_rows: tuple[torch.Tensor, int] | None = None,
+    grad_rows: tuple[torch.Tensor | None, int] | None = None,
     temperature: float = 1.0,
     grad_fn: GradFn | None = None,
     need_grad_hidden: bool = False,
@@ -117,7 +117,8 @@ def fused_linear_logprob(
             strided view of the model's whole last hidden state and read the completion positions
             without a copy.
         grad_rows: ``(index, count)``: the gradient w.r.t. ``hidden`` is returned as ``(count, H)``
-            with token n's row at ``index[n]`` (default: ``hidden``'s own rows, ``rows``).
+            with token n's row at ``index[n]`` (at row n when ``index`` is None; default:
+            ``hidden``'s own rows, ``rows``).
         weight, bias: ``(V, H)`` and ``(V,)``.
         ids: ``(N,)`` target ids (valid for every token in a chunk).
         chunks: index tensors into ``[0, N)``, disjoint; tokens in none of them get ``logp = 0``.
@@ -145,6 +146,7 @@ def fused_linear_logprob(
                 continue
             hrows = idx if rows is None else rows.index_select(0, idx)
             x_c = hidden.index_select(0, hrows).to(cdt)
+            assert buf is not None  # a non-empty chunk: largest >= n > 0
             logits_c = _gemm(buf[:n], x_c, w, b)
             ids_c = ids.index_select(0, idx)
             logp_c, lse_c = logprob_forward(logits_c, ids_c, None, temperature, save_lse=want_grads)
@@ -154,6 +156,7 @@ def fused_linear_logprob(
             dlogp = grad_fn(k, idx, logp_c)
             if dlogp is None:
                 continue
+            assert lse_c is not None  # saved: save_lse=want_grads
             dlogits = logprob_backward(logits_c, ids_c, None, lse_c, dlogp, temperature, inplace=True)
             if dX is not None:
                 drows = idx if dx_index is None else dx_index.index_select(0, idx)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 
@@ -46,16 +47,17 @@ def check_device(t: torch.Tensor, what: str = "input") -> None:
 
 
 @functools.cache
-def _kernels():
-    """Define the kernels on first use (lazy ``import triton``)."""
+def _kernels() -> tuple[Any, Any]:
+    """Define the kernels on first use (lazy ``import triton``): ``(forward, backward)``."""
     try:
         import triton
         import triton.language as tl
     except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
         raise RuntimeError("grpo_fix.kernels needs triton (pip install triton)") from e
 
+    # Triton types the kernels' arguments from their annotations (pointers, scalars, constexprs)
     @triton.jit
-    def logprob_fwd_kernel(
+    def logprob_fwd_kernel(  # type: ignore[no-untyped-def]
         logits_ptr,
         ids_ptr,
         mask_ptr,
@@ -111,7 +113,7 @@ def _kernels():
                 tl.store(lse_ptr + 2 * n + 1, 0.0)
 
     @triton.jit
-    def logprob_bwd_kernel(
+    def logprob_bwd_kernel(  # type: ignore[no-untyped-def]
         logits_ptr,
         grad_ptr,
         ids_ptr,
@@ -183,7 +185,9 @@ def _as_3d(t: torch.Tensor, B: int, T: int) -> tuple[int, int]:
     return 0, t.stride(0)  # (N,): B == 1, t == n
 
 
-def _prepare(logits, ids, mask):
+def _prepare(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[int, int, int, int, int, torch.Tensor, torch.Tensor | None]:
     """Validate (:mod:`.checks` plus what the Triton launch needs) and return
     ``(B, T, V, logits strides, ids, mask view)``."""
     V = check_logits(logits, ids, mask)
@@ -209,7 +213,13 @@ def _prepare(logits, ids, mask):
     return B, T, V, s_lb, s_lt, ids, mask
 
 
-def logprob_forward(logits, ids, mask=None, temperature: float = 1.0, save_lse: bool = True):
+def logprob_forward(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    save_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Selected log-probs ``log_softmax(logits / T)[id]`` (fp32, shape of ``ids``; 0 where masked)
     and the per-row softmax statistics ``(..., 2)`` = (max, log-sum-exp past the max) of
     ``logits / T`` for :func:`logprob_backward` (or None)."""
@@ -248,7 +258,15 @@ def logprob_forward(logits, ids, mask=None, temperature: float = 1.0, save_lse: 
     return logp, (lse if save_lse else None)
 
 
-def logprob_backward(logits, ids, mask, lse, dlogp, temperature: float = 1.0, inplace: bool = False):
+def logprob_backward(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    dlogp: torch.Tensor,
+    temperature: float = 1.0,
+    inplace: bool = False,
+) -> torch.Tensor:
     """``dlogits = (onehot(id) - softmax(logits / T)) * dlogp / T`` (0 where masked), in the logits
     dtype; written into ``logits`` itself when ``inplace`` (then returned).  With ``(B, T + 1, V)``
     logits the extra last position gets a zero gradient."""
@@ -296,7 +314,9 @@ def logprob_backward(logits, ids, mask, lse, dlogp, temperature: float = 1.0, in
 
 class _SelectiveLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, mask, temperature, inplace):
+    def forward(
+        ctx: Any, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, temperature: float, inplace: bool
+    ) -> torch.Tensor:
         logp, lse = logprob_forward(logits, ids, mask, temperature, save_lse=True)
         ctx.save_for_backward(logits, ids, mask if mask is not None else torch.empty(0), lse)
         ctx.has_mask = mask is not None
@@ -307,7 +327,7 @@ class _SelectiveLogProb(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dlogp):
+    def backward(ctx: Any, dlogp: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         if ctx.inplace and ctx.consumed:
             raise RuntimeError(
                 "selective_logprob(inplace=True): backward can run only once per forward (the first one wrote "

@@ -15,6 +15,8 @@ the Triton kernels against.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .checks import check_linear, check_logits, check_mask, raise_on_bad_logprobs
@@ -37,7 +39,9 @@ def _valid_positions(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torc
 
 class _SelectiveLogProbReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, mask, temperature):  # type: ignore[override]
+    def forward(
+        ctx: Any, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, temperature: float
+    ) -> torch.Tensor:
         pos = _valid_positions(ids, mask)  # logits[pos] gathers rows without copying the rest
         tgt = ids[pos].long().clamp(0, logits.shape[-1] - 1)  # out of range: the caller's check raises
         cdt = torch.promote_types(logits.dtype, torch.float32)
@@ -57,7 +61,7 @@ class _SelectiveLogProbReference(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dlogp):  # type: ignore[override]
+    def backward(ctx: Any, dlogp: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits, tgt, lse, *pos = ctx.saved_tensors
         T = ctx.temperature
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)

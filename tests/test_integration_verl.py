@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from grpo_fix import ClipAwareAdamW as BaseClipAwareAdamW
+from grpo_fix import TrustRegionSignal
 from grpo_fix.integration import verl as gv
 
 
 class ActorCfg(types.SimpleNamespace):
     """Stand-in for verl's ActorConfig: attributes plus ``.get``."""
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
 
 
-def actor_cfg(low=None, high=None, c=3.0, **info):
+def actor_cfg(low: float | None = None, high: float | None = None, c: float = 3.0, **info: Any) -> ActorCfg:
     return ActorCfg(clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=c, global_batch_info=info)
 
 
-def batch(seed=0, B=6, T=9, dtype=torch.float64):
+def batch(
+    seed: int = 0, B: int = 6, T: int = 9, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g, dtype=dtype) * 3
     old = lp + 0.5 * torch.randn(B, T, generator=g, dtype=dtype)
@@ -39,7 +45,18 @@ def batch(seed=0, B=6, T=9, dtype=torch.float64):
     return lp, old, adv, mask, w
 
 
-def verl_vanilla_token_mean(old, lp, adv, mask, eps_low, eps_high, c, num_tokens, dp_size, w=None):
+def verl_vanilla_token_mean(
+    old: torch.Tensor,
+    lp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    c: float,
+    num_tokens: int | torch.Tensor,
+    dp_size: int,
+    w: torch.Tensor | None = None,
+) -> torch.Tensor:
     """verl 0.9.1's vanilla loss, loss_agg_mode="token-mean", written out."""
     s = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
     l1 = torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - eps_low, 1 + eps_high))
@@ -51,7 +68,7 @@ def verl_vanilla_token_mean(old, lp, adv, mask, eps_low, eps_high, c, num_tokens
 
 @pytest.mark.parametrize("low,high,c", [(None, None, 3.0), (0.2, 0.28, 1.5)])
 @pytest.mark.parametrize("distributed", [False, True])
-def test_equals_written_out_verl_loss(low, high, c, distributed):
+def test_equals_written_out_verl_loss(low: float | None, high: float | None, c: float, distributed: bool) -> None:
     lp0, old, adv, mask, w = batch()
     info = dict(dp_size=2, batch_num_tokens=97, global_batch_size=12, loss_scale_factor=None) if distributed else {}
     weights = w if distributed else None
@@ -87,7 +104,7 @@ def test_equals_written_out_verl_loss(low, high, c, distributed):
     gv.pending_signal()  # leave no pending signal behind for other tests
 
 
-def test_parity_with_verl_vanilla():
+def test_parity_with_verl_vanilla() -> None:
     """Against verl's own registry: "grpo_fix" (registered by the verl.plugins entry point) equals
     "vanilla" with token-mean, dual clip, rollout IS weights and global batch info."""
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
@@ -112,15 +129,16 @@ def test_parity_with_verl_vanilla():
     gv.pending_signal()
 
 
-def test_micro_batches_and_ranks_sum_to_the_mini_batch():
+def test_micro_batches_and_ranks_sum_to_the_mini_batch() -> None:
     """With verl's global_batch_info the mini-batch loss does not depend on the split: 3
     micro-batches sum to one call, and 2 ranks (gradients averaged, as FSDP does) equal 1."""
     lp0, old, adv, mask, _ = batch(seed=5, B=6)
     n = int(mask.sum())
     full = lp0.clone().requires_grad_(True)
-    gv.policy_loss(old, full, adv, mask, config=actor_cfg(dp_size=1, batch_num_tokens=n))[0].backward()
+    full_loss = gv.policy_loss(old, full, adv, mask, config=actor_cfg(dp_size=1, batch_num_tokens=n))[0]
+    full_loss.backward()
     parts = lp0.clone().requires_grad_(True)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
         loss, _ = gv.policy_loss(
             old[rows], parts[rows], adv[rows], mask[rows], config=actor_cfg(dp_size=1, batch_num_tokens=n)
@@ -128,18 +146,31 @@ def test_micro_batches_and_ranks_sum_to_the_mini_batch():
         loss.backward()
         total = total + loss.detach()
     ranks = lp0.clone().requires_grad_(True)
-    grads = []
+    grads: list[torch.Tensor] = []
     for rows in (slice(0, 3), slice(3, 6)):
         x = ranks.detach()[rows].clone().requires_grad_(True)
         cfg = actor_cfg(dp_size=2, batch_num_tokens=n)
         gv.policy_loss(old[rows], x, adv[rows], mask[rows], config=cfg)[0].backward()
+        assert x.grad is not None
         grads.append(x.grad)
+    torch.testing.assert_close(total, full_loss.detach(), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(parts.grad, full.grad, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(torch.cat(grads) / 2, full.grad, rtol=1e-12, atol=1e-15)
     gv.pending_signal()
 
 
-def test_bad_configuration_messages():
+def test_no_deprecation_warning_from_the_adapter() -> None:
+    """The adapter hands surrogate_loss a grpo_fix.Window, not the deprecated window keywords."""
+    lp0, old, adv, mask, w = batch()
+    for cfg in (actor_cfg(), actor_cfg(dp_size=2, batch_num_tokens=97)):
+        lp = lp0.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            gv.policy_loss(old, lp, adv, mask, config=cfg, rollout_is_weights=w)[0].backward()
+    gv.pending_signal()
+
+
+def test_bad_configuration_messages() -> None:
     lp, old, adv, mask, w = batch()
     with pytest.raises(ValueError, match="token-mean"):
         gv.policy_loss(old, lp, adv, mask, "seq-mean-token-mean", actor_cfg())
@@ -153,16 +184,16 @@ def test_bad_configuration_messages():
         gv.ClipAwareAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, reset_on_rollout=True)
 
 
-def _policy(seed=0):
+def _policy(seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)
     return torch.nn.Linear(5, 7, dtype=torch.float64)
 
 
-def _window(model, seed, via_verl):
+def _window(model: torch.nn.Module, seed: int, via_verl: bool) -> TrustRegionSignal | None:
     """Two micro-batches of a toy policy, backward on each.  ``via_verl``: through
     ``gv.policy_loss`` (plus a no-grad call, e.g. validation, that must not count) and return
     None; else through ``surrogate_loss`` directly and return the summed signal."""
-    from grpo_fix import surrogate_loss
+    from grpo_fix import Window, surrogate_loss
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
@@ -187,15 +218,14 @@ def _window(model, seed, via_verl):
                 adv[i],
                 mask,
                 group_size=None,
-                num_window_tokens=cfg.global_batch_info["batch_num_tokens"],
-                dp_size=1,
+                window=Window(tokens=cfg.global_batch_info["batch_num_tokens"], dp_size=1),
             )
             out.loss.backward()
             total = out.signal.detach() if total is None else total + out.signal.detach()
     return total
 
 
-def test_optimizer_observes_the_window_signal_before_stepping():
+def test_optimizer_observes_the_window_signal_before_stepping() -> None:
     """verl's ClipAwareAdamW.step() == base ClipAwareAdamW.observe(sum of the window's signals)
     + step(); calls without gradients are not part of the window; the pending sum is cleared."""
     gv.pending_signal()
@@ -206,7 +236,9 @@ def test_optimizer_observes_the_window_signal_before_stepping():
         _window(a, window, via_verl=True)
         opt_a.step()
         assert gv.pending_signal() is None
-        opt_b.observe(_window(b, window, via_verl=False))
+        signal = _window(b, window, via_verl=False)
+        assert signal is not None
+        opt_b.observe(signal)
         opt_b.step()
         for opt in (opt_a, opt_b):
             opt.zero_grad()
@@ -216,13 +248,13 @@ def test_optimizer_observes_the_window_signal_before_stepping():
     assert opt_a.param_groups[0]["ca_kappa"] < 1.0  # the gate was active: the test compares something
 
 
-def test_register_into_verl_registry(monkeypatch):
+def test_register_into_verl_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Importing the module registers the loss when verl is importable (here: a stand-in registry)."""
-    registry = {}
-    core = types.ModuleType("verl.trainer.ppo.core_algos")
+    registry: dict[str, Callable[..., Any]] = {}
+    core: Any = types.ModuleType("verl.trainer.ppo.core_algos")  # a stand-in: attributes set below
 
-    def register_policy_loss(name):
-        def deco(fn):
+    def register_policy_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             registry[name] = fn
             return fn
 

@@ -8,13 +8,24 @@ itself is the same torch code on every backend (:mod:`grpo_fix.loss.surrogate`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..kernels import is_available
 from ..options import Backend, check_backend
 from .config import SurrogateConfig, resolve_config
+
+
+class HasConfig(Protocol):
+    """A loss object that carries its configuration (:class:`~grpo_fix.GroupSurrogateLoss`)."""
+
+    @property
+    def config(self) -> SurrogateConfig: ...
+
+
+#: What the loss entry points take as their configuration (resolved by :func:`loss_config`).
+LossSpec = SurrogateConfig | str | HasConfig | None
 
 
 def use_triton(backend: Backend, t: torch.Tensor) -> bool:

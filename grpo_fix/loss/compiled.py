@@ -33,12 +33,17 @@ import functools
 import types
 import warnings
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from ..options import CompileMath
+from .config import SurrogateConfig
 
-_FAILED: set = set()
+R = TypeVar("R")
+
+#: (math function, configuration) pairs whose compilation failed: they run eagerly.
+_FAILED: set[tuple[Callable[..., Any], SurrogateConfig]] = set()
 
 
 def use_compiled(compile_math: CompileMath, t: torch.Tensor) -> bool:
@@ -50,7 +55,7 @@ def use_compiled(compile_math: CompileMath, t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _compiled(fn: Callable, cfg) -> Callable:
+def _compiled(fn: Callable[..., R], cfg: SurrogateConfig) -> Callable[..., R]:
     """``torch.compile(dynamic=True)`` of a private copy of ``fn`` for ``cfg`` (call it with ``cfg``).
 
     Dynamo keeps its graphs, guards and recompile limit per code object; with one shared code
@@ -65,7 +70,7 @@ def _compiled(fn: Callable, cfg) -> Callable:
     return torch.compile(private, dynamic=True)
 
 
-def run_math(fn: Callable, cfg, compiled: bool, *args):
+def run_math(fn: Callable[..., R], cfg: SurrogateConfig, compiled: bool, *args: Any) -> R:
     """``fn(cfg, *args)``, through its cached compiled wrapper when ``compiled`` (see above).
 
     Inside an outer ``torch.compile`` trace the function is called directly (Dynamo inlines it).

@@ -57,7 +57,7 @@ Decisions recorded here (the paper's Table 1 leaves them open):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Weighting = Literal["uniform", "dapo", "seq_mean", "bnpo", "dr_grpo", "seq_sum"]
 RatioKind = Literal["token", "sequence", "sequence_unnormalized", "sg_logp", "vespo", "logp"]
@@ -142,18 +142,18 @@ class SurrogateConfig:
             value = getattr(self, name)
             if not (value == value and abs(value) != float("inf")):
                 raise ValueError(f"{name} must be finite, got {value}")
-        if self.eps_high is None:
-            object.__setattr__(self, "eps_high", self.eps_low)
+        eps_high = self.eps_low if self.eps_high is None else self.eps_high
+        object.__setattr__(self, "eps_high", eps_high)
         if not 0.0 <= self.eps_low <= 1.0:
             raise ValueError(f"eps_low must be in [0, 1] (the lower clip bound is 1 - eps_low), got {self.eps_low}")
         lower_eps_high = -1.0 if self.ratio == "sg_logp" else 0.0
-        if not self.eps_high > lower_eps_high or self.eps_high != self.eps_high:
-            raise ValueError(f"eps_high must be > {lower_eps_high} for ratio={self.ratio!r}, got {self.eps_high}")
+        if not eps_high > lower_eps_high or eps_high != eps_high:
+            raise ValueError(f"eps_high must be > {lower_eps_high} for ratio={self.ratio!r}, got {eps_high}")
         if self.delta is not None:
             if self.ratio not in RATIO_GATED:
                 raise ValueError(f"delta (two-sided clipping) needs a clipped ratio, not ratio={self.ratio!r}")
-            if not self.delta > 1.0 + self.eps_high:
-                raise ValueError(f"delta must exceed 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
+            if not self.delta > 1.0 + eps_high:
+                raise ValueError(f"delta must exceed 1 + eps_high = {1 + eps_high}, got {self.delta}")
         if not self.beta >= 0.0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.weighting == "uniform" and self.ratio not in ("token", "sg_logp", "logp"):
@@ -180,14 +180,20 @@ class SurrogateConfig:
         """Whether the PPO min/clip wrapper of Eq. 1 is active (a gated ratio with ``gate="clip"``)."""
         return self.ratio in RATIO_GATED and self.gate == "clip"
 
-    def replace(self, **changes) -> SurrogateConfig:
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """The clip region ``(1 - eps_low, 1 + eps_high)`` of Eq. 1 (``eps_high`` None means ``eps_low``)."""
+        eps_high = self.eps_low if self.eps_high is None else self.eps_high
+        return 1.0 - self.eps_low, 1.0 + eps_high
+
+    def replace(self, **changes: Any) -> SurrogateConfig:
         return replace(self, **changes)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _check_choice(name: str, value: str, literal) -> None:
+def _check_choice(name: str, value: str, literal: object) -> None:
     choices = get_args(literal)
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
@@ -218,7 +224,7 @@ PRESETS: dict[str, SurrogateConfig] = {
 }
 
 
-def resolve_config(preset: str | SurrogateConfig | None = None, **overrides) -> SurrogateConfig:
+def resolve_config(preset: str | SurrogateConfig | None = None, **overrides: Any) -> SurrogateConfig:
     """A preset by name (or a config), with field overrides; unknown names raise ``ValueError``."""
     if isinstance(preset, SurrogateConfig):
         base = preset

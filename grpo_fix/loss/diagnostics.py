@@ -41,7 +41,7 @@ def trust_region_diagnostics(
         active = total - _dot(mass, zeroed).to(f64)
         num_clipped = zeroed.sum().to(f64)
     num_overshoot = num_clipped if terms.overshoot is zeroed else terms.overshoot.sum().to(f64)
-    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    lo, hi = cfg.clip_bounds
     # how far log s is past the trust region in the advantage's direction: the largest log s of
     # the A > 0 tokens above log(hi) and the smallest of the A < 0 tokens below log(lo) (other
     # tokens contribute 0 to the max / min, which can only lie inside the region)
@@ -67,6 +67,7 @@ def trust_region_diagnostics(
         high = _dot(zeroed, terms.pos).to(f64)
         region = num_clipped
     else:
+        assert terms.over_low is not None  # set together with over_high
         high = terms.over_high.sum().to(f64)
         region = num_overshoot if lo <= 1.0 <= hi else (terms.over_high + terms.over_low).sum().to(f64)
     metrics = {"clip_low": (region - high) / n, "clip_high": high / n, "clip_region": region / n}

@@ -17,6 +17,8 @@ clipping) are left out of every chunk, so they cost no GEMM at all.  Masked toke
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..kernels.checks import IDS_OUT_OF_RANGE, check_linear, check_mask, check_temperature, ids_out_of_range
@@ -25,7 +27,7 @@ from ..kernels.logprob import check_device
 from ..kernels.reference import linear_logprob_reference
 from ..options import Backend, CompileMath, check_compile_math
 from ..window import Window
-from .backend import loss_config, use_triton
+from .backend import LossSpec, loss_config, use_triton
 from .compiled import run_math, use_compiled
 from .config import SurrogateConfig
 from .logits import classes_before_launch
@@ -42,13 +44,20 @@ class _Precomputed(torch.autograd.Function):
     """Returns a loss whose gradients were computed in forward; backward scales them (once)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, loss, grads):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        loss: torch.Tensor,
+        grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    ) -> torch.Tensor:
         ctx.grads = grads
         return loss.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.grads is None:
             raise RuntimeError("linear_surrogate_loss: backward can run only once per forward")
         grads, ctx.grads = ctx.grads, None
@@ -120,7 +129,7 @@ def input_checks(
 
 
 def linear_surrogate_loss(
-    cfg_or_loss_fn,
+    cfg_or_loss_fn: LossSpec,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -140,7 +149,7 @@ def linear_surrogate_loss(
     compile_math: CompileMath = "auto",
     backend: Backend = "auto",
     checks: Checks = "eager",
-    **legacy_window,
+    **legacy_window: Any,
 ) -> SurrogateOutput:
     """The surrogate of ``cfg_or_loss_fn`` on ``log_softmax((hidden W^T + b) / temperature)[completion_ids]``.
 
@@ -204,7 +213,7 @@ def linear_surrogate_loss(
     shape_like = torch.empty(mask.shape, device=hidden.device)
     is_ratio = as_token_weights("is_ratio", is_ratio, shape_like)
     policy_mask = as_token_weights("policy_mask", policy_mask, shape_like)
-    loss_args = dict(
+    loss_args: dict[str, Any] = dict(
         is_ratio=is_ratio,
         policy_mask=policy_mask,
         group_size=group_size,
@@ -221,7 +230,7 @@ def linear_surrogate_loss(
         )
         if lay is not None:
             logp = lay.pad(logp, "logp")
-        return surrogate_loss(cfg, logp, old_logp, advantages, mask, **loss_args)  # type: ignore[arg-type]
+        return surrogate_loss(cfg, logp, old_logp, advantages, mask, **loss_args)
 
     check_device(hidden, "hidden")
     compiled = use_compiled(check_compile_math(compile_math), hidden)
@@ -279,9 +288,10 @@ def linear_surrogate_loss(
 
     grad_on = torch.is_grad_enabled()
     hidden2d, read_rows = _strided_rows(hidden)
+    dx_rows: tuple[torch.Tensor | None, int] = (None, B * T)  # token n's gradient in row n
     if lay is not None:
         read_rows = lay.index.reshape(-1)
-    dx_rows = (read_rows if lay is not None else None, hidden2d.shape[0] if lay is not None else B * T)
+        dx_rows = (read_rows, hidden2d.shape[0])
     autocast = torch.is_autocast_enabled(hidden.device.type)
     result = fused_linear_logprob(
         hidden2d,
@@ -299,7 +309,7 @@ def linear_surrogate_loss(
         compute_dtype=torch.get_autocast_dtype(hidden.device.type) if autocast else weight.dtype,
     )
     with torch.no_grad():
-        out = surrogate_loss(cfg, result.logp.view(B, T), old_logp, advantages, mask, classes=classes, **loss_args)  # type: ignore[arg-type]
+        out = surrogate_loss(cfg, result.logp.view(B, T), old_logp, advantages, mask, classes=classes, **loss_args)
     dX = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
     loss = _Precomputed.apply(hidden, weight, bias, out.loss.detach(), (dX, result.grad_weight, result.grad_bias))
     return SurrogateOutput(loss=loss, signal=out.signal, metrics={**out.metrics}, checks=out.checks)

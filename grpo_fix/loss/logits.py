@@ -3,6 +3,8 @@ then the one GRPO math of :func:`grpo_fix.surrogate_loss`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..kernels.checks import IDS_OUT_OF_RANGE, check_logits, check_temperature, ids_out_of_range
@@ -10,7 +12,7 @@ from ..kernels.logprob import selective_logprob
 from ..kernels.reference import selective_logprob_reference
 from ..options import Backend, CompileMath
 from ..window import Window
-from .backend import loss_config, use_triton
+from .backend import LossSpec, loss_config, use_triton
 from .packed import PackedLayout
 from .prefix import PrefixClasses, prefix_classes
 from .surrogate import SurrogateOutput, check_call, surrogate_loss
@@ -43,7 +45,7 @@ def classes_before_launch(
 
 
 def logits_surrogate_loss(
-    cfg_or_loss_fn,
+    cfg_or_loss_fn: LossSpec,
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -61,7 +63,7 @@ def logits_surrogate_loss(
     compile_math: CompileMath = "auto",
     backend: Backend = "auto",
     checks: Checks = "eager",
-    **legacy_window,
+    **legacy_window: Any,
 ) -> SurrogateOutput:
     """The surrogate of ``cfg_or_loss_fn`` on ``log_softmax(logits / temperature)[completion_ids]``.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,13 +65,13 @@ class _Masked(torch.autograd.Function):
     NaN/inf become +-(dtype max), which the value checks flag.  Gradient: ``grad * mask``."""
 
     @staticmethod
-    def forward(ctx, x, m):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         big = torch.finfo(x.dtype).max
         ctx.save_for_backward(m)
         return x.nan_to_num(nan=big, posinf=big, neginf=-big).mul_(m)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (m,) = ctx.saved_tensors
         return grad * m, None
 
@@ -196,7 +197,8 @@ def token_terms(
     if cfg.adv_threshold is not None:
         adv = adv * step(adv.abs() - cfg.adv_threshold)
     if cfg.off_policy_mask_threshold is not None:
-        seq_kl = (old - lp.detach()).sum(-1, keepdim=True) / lengths.clamp_min(1)  # type: ignore[union-attr]
+        assert lengths is not None  # needs_lengths
+        seq_kl = (old - lp.detach()).sum(-1, keepdim=True) / lengths.clamp_min(1)
         drop = step(-adv) * step(seq_kl - cfg.off_policy_mask_threshold)  # A < 0 and far off-policy
         adv = adv * (1.0 - drop)
     if policy_mask is not None:
@@ -207,7 +209,8 @@ def token_terms(
     # importance ratio s (Eq. 3 and Table 1's sequence-level variants); masked tokens add 0
     log_ratio_tok = lp - old
     if cfg.ratio == "sequence":
-        log_s = log_ratio_tok.sum(-1, keepdim=True) / lengths.clamp_min(1)  # type: ignore[union-attr]
+        assert lengths is not None  # needs_lengths
+        log_s = log_ratio_tok.sum(-1, keepdim=True) / lengths.clamp_min(1)
     elif cfg.ratio == "sequence_unnormalized":
         log_s = log_ratio_tok.sum(-1, keepdim=True)
     else:
@@ -215,7 +218,7 @@ def token_terms(
     bound = ratio_bound(logp.dtype)
     s = _exp(log_s, bound)
     s_d = s.detach()
-    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    lo, hi = cfg.clip_bounds
     sign = adv.sign()
     pos = sign.clamp_min(0.0)
     neg = pos - sign

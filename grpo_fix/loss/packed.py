@@ -8,6 +8,8 @@ they continue the prompt's positions and do not mark where sequences start.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 
@@ -39,7 +41,11 @@ class PackedLayout:
             self.valid, cu[:-1, None] + t[None, :], torch.zeros((), dtype=torch.int64, device=cu.device)
         )
 
-    def pad(self, x: torch.Tensor | None, name: str, fill=0) -> torch.Tensor | None:
+    @overload
+    def pad(self, x: torch.Tensor, name: str, fill: float | bool = 0) -> torch.Tensor: ...
+    @overload
+    def pad(self, x: None, name: str, fill: float | bool = 0) -> None: ...
+    def pad(self, x: torch.Tensor | None, name: str, fill: float | bool = 0) -> torch.Tensor | None:
         """A packed ``(N,)`` tensor as ``(B, T_max)`` (differentiable gather; ``fill`` at padding)."""
         if x is None:
             return None
@@ -55,7 +61,15 @@ class PackedLayout:
         return self.pad(x, name)
 
     @classmethod
-    def for_inputs(cls, cu_seqlens: torch.Tensor, total: int, device, mask, advantages, **packed):
+    def for_inputs(
+        cls,
+        cu_seqlens: torch.Tensor,
+        total: int,
+        device: torch.device,
+        mask: torch.Tensor | None,
+        advantages: torch.Tensor,
+        **packed: torch.Tensor | None,
+    ) -> tuple[PackedLayout, torch.Tensor, torch.Tensor]:
         """Validate packed ``(N,)`` inputs and build the layout; returns ``(layout, mask, advantages)``
         with a default all-true mask and per-token packed advantages padded to ``(B, T_max)``."""
         if mask is None:
@@ -67,7 +81,7 @@ class PackedLayout:
         return lay, mask, advantages
 
 
-def _check_packed_len(layout_total: int, **tensors) -> None:
+def _check_packed_len(layout_total: int, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != layout_total):
             raise ValueError(f"with cu_seqlens, {name} must be packed ({layout_total},), got {tuple(t.shape)}")

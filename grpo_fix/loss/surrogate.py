@@ -69,7 +69,15 @@ class SurrogateOutput:
 
 
 def check_call(
-    cfg: SurrogateConfig, logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp, checks: str
+    cfg: SurrogateConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int | None,
+    completion_ids: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    checks: str,
 ) -> None:
     """The static checks every entry point runs before any work."""
     check_inputs(logp, old_logp, advantages, mask, group_size, completion_ids, ref_logp)
