@@ -47,7 +47,7 @@ def trust_region_diagnostics(
     # tokens contribute 0 to the max / min, which can only lie inside the region)
     log_s = terms.log_ratio
     excess = total.new_zeros(())
-    if log_s.numel():
+    if terms.pos.numel():  # not log_s: a sequence ratio's log s is (B, 1) even when T = 0
         excess = (log_s * terms.pos).amax() - math.log(max(hi, 1.0))
         if lo > 0:
             excess = torch.maximum(excess, math.log(min(lo, 1.0)) - (log_s * terms.neg).amin())
