@@ -301,3 +301,14 @@ def test_on_policy_no_preset_reports_overshoot(name):
         cfg = PRESETS[name] if eps_high is None else PRESETS[name].replace(eps_high=eps_high)
         sig = surrogate_loss(cfg, logp, None, adv, torch.ones(B, T, dtype=torch.bool), group_size=None).signal
         assert float(sig.num_overshoot) == 0 and float(sig.max_excess) == 0, (name, eps_high)
+
+
+@pytest.mark.parametrize("preset", ["gspo", "gcpo", "vespo", "uniform"])
+def test_calls_with_no_tokens_per_row(preset):
+    """Zero-length rows (T = 0) give a zero loss and a zero signal on every ratio kind (sequence
+    ratios have a (B, 1) log-ratio even then: the diagnostics once took its max over no tokens)."""
+    lp = torch.zeros(2, 0, requires_grad=True)
+    out = GroupSurrogateLoss(preset)(
+        lp, torch.zeros(2, 0), torch.ones(2), torch.zeros(2, 0, dtype=torch.bool), group_size=1
+    )
+    assert float(out.loss) == 0.0 and float(out.signal.max_excess) == 0.0 and float(out.signal.num_tokens) == 0.0
