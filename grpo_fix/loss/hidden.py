@@ -17,6 +17,7 @@ clipping) are left out of every chunk, so they cost no GEMM at all.  Masked toke
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ from .math import token_advantages, token_loss, window_alpha
 from .packed import PackedLayout
 from .surrogate import SurrogateOutput, as_token_weights, check_call, surrogate_loss
 from .validation import Checks, ValueChecks
+
+logger = logging.getLogger(__name__)
+_REPORTED_DW_MODES: set[tuple[str, str]] = set()
 
 #: Ratios whose terms are local to a token (chunks may split rows).
 TOKEN_LOCAL_RATIOS = ("token", "sg_logp", "logp")
@@ -308,6 +312,13 @@ def linear_surrogate_loss(
         need_grad_bias=grad_on and bias is not None and bias.requires_grad,
         compute_dtype=torch.get_autocast_dtype(hidden.device.type) if autocast else weight.dtype,
     )
+    if weight.requires_grad and (hidden.device.type, result.dw_mode) not in _REPORTED_DW_MODES:
+        _REPORTED_DW_MODES.add((hidden.device.type, result.dw_mode))
+        logger.info(
+            "grpo_fix logits-free loss: lm_head gradient accumulated as %s on %s (once per process)",
+            result.dw_mode,
+            hidden.device.type,
+        )
     with torch.no_grad():
         out = surrogate_loss(cfg, result.logp.view(B, T), old_logp, advantages, mask, classes=classes, **loss_args)
     dX = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
