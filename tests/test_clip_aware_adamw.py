@@ -573,7 +573,8 @@ def test_resume_with_pending_momentum_halving():
                 p = torch.nn.Parameter(p.detach().clone())
                 o = ClipAwareAdamW([p], shrink_momentum=True)
                 o.load_state_dict(sd)
-                assert o.state[p]["ca_m_scale"] == 0.5
+                # the saved first moment is AdamW's: the pending halving was folded in at saving
+                assert "ca_m_scale" not in o.state[p]
             p.grad = g.clone()
             o.step()
         return p.detach()

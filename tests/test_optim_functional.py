@@ -4,6 +4,7 @@ the constructor's deprecated ``kernel=`` spelling."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -63,12 +64,14 @@ def test_functional_matches_float64_reference(impl, alpha, kappa, maximize):
     ps, gs, ms, vs, steps = tensors()
     m_scales = [1.0, 0.5, 1.0, 0.25]
     refs = oracle(ps, gs, ms, vs, steps, alpha=alpha, kappa=kappa, m_scales=m_scales, maximize=maximize)
-    clip_aware_adamw(
+    stored = clip_aware_adamw(
         ps, gs, ms, vs, steps, alpha=alpha, kappa=kappa, m_scales=m_scales, maximize=maximize, **HYPER, **IMPLS[impl]
     )
     assert [float(s) for s in steps] == [1.0, 4.0, 8.0, 1.0]
-    for p, m, v, (rp, rm, rv) in zip(ps, ms, vs, refs):
-        assert rel_err(p, rp) <= 1e-6 and rel_err(m, rm) <= 1e-6 and rel_err(v, rv) <= 1e-6
+    if impl != "fused" or (alpha, kappa) == (1.0, 1.0) and m_scales == [1.0] * 4:
+        assert stored == [1.0] * 4  # only torch's fused CPU kernel keeps the first moment scaled
+    for p, m, v, s, (rp, rm, rv) in zip(ps, ms, vs, stored, refs):
+        assert rel_err(p, rp) <= 1e-6 and rel_err(m * s, rm) <= 1e-6 and rel_err(v, rv) <= 1e-6
 
 
 @pytest.mark.parametrize("impl", ["single", "foreach", "fused"])
@@ -133,3 +136,46 @@ def test_kernel_keyword_is_deprecated_for_backend():
     assert opt.backend == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         ClipAwareAdamW(p, backend="cuda")
+
+
+def test_fused_cpu_kernel_keeps_the_first_moment_lazily_scaled_and_saves_adamw_moments():
+    """torch's fused kernel has one coefficient for m: the gate keeps exp_avg scaled by
+    state['ca_m_scale'] (no extra pass); state_dict() folds the scale in, so the checkpoint holds
+    the moments the foreach path holds, and a run that saves continues like one that resumes."""
+    from grpo_fix import TrustRegionSignal
+
+    def sig(i):
+        t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+        return TrustRegionSignal(t(1 + i % 3), t(3), t(100), t(100), t(10), t(9 if i % 2 else 0), t(0))
+
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(n, generator=gen) for n in SIZES]
+    grads = [[torch.randn(n, generator=gen) for n in SIZES] for _ in range(12)]
+
+    def run(kw, steps, params=None, opt=None):
+        params = params or [torch.nn.Parameter(x.clone()) for x in init]
+        opt = opt or ClipAwareAdamW(params, lr=1e-2, weight_decay=0.1, **kw)
+        for i in steps:
+            for p, g in zip(params, grads[i]):
+                p.grad = g.clone()
+            opt.observe(sig(i))
+            opt.step()
+        return params, opt
+
+    fused_p, fused = run(dict(fused=True), range(6))
+    assert any("ca_m_scale" in st for st in fused.state.values())  # the lazy scale is in use
+    foreach_p, foreach = run(dict(foreach=True), range(6))
+    saved = copy.deepcopy(fused.state_dict())  # folds the scales in place
+    assert not any("ca_m_scale" in st for st in fused.state.values())
+    for k, p in enumerate(foreach_p):
+        torch.testing.assert_close(saved["state"][k]["exp_avg"], foreach.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+    resumed_p = [torch.nn.Parameter(p.detach().clone()) for p in fused_p]
+    resumed = ClipAwareAdamW(resumed_p, lr=1e-2, weight_decay=0.1, fused=True)
+    resumed.load_state_dict(saved)
+    run({}, range(6, 12), fused_p, fused)
+    run({}, range(6, 12), resumed_p, resumed)
+    assert all(torch.equal(a, b) for a, b in zip(fused_p, resumed_p))
+    never_saved, _ = run(dict(fused=True), range(12))
+    for a, b in zip(fused_p, never_saved):  # folding at saving moved the rounding only
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.optim.AdamW([torch.nn.Parameter(x.clone()) for x in init], fused=True).load_state_dict(saved)

@@ -9,12 +9,9 @@ Clipping stops the gradient, not the trajectory (Prop. 3 / Prop. 7).  The paper 
 correction open; the three mechanisms here are grpo-fix's, driven by the
 :class:`~grpo_fix.TrustRegionSignal` the loss measures:
 
-1. **gate**: ``m <- beta1 * kappa * m + (1 - beta1) * g`` with ``kappa`` the window's unclipped
-   share of the advantage-gradient mass.  Nothing clipped: AdamW.  Everything clipped: the carried
-   momentum is dropped, so the residual step of Prop. 3 is zero.  A window with tokens but no
-   advantage mass (every advantage 0) gets ``kappa = 0`` (its gradient is zero, so a step would be
-   carried momentum alone); a window with no tokens (``TrustRegionSignal.zeros()``) keeps
-   ``kappa = 1``.  ``v`` is untouched.
+1. **gate** (:mod:`grpo_fix.optim.gate`): ``m <- beta1 * kappa * m + (1 - beta1) * g`` with
+   ``kappa`` the window's unclipped share of the advantage-gradient mass.  Nothing clipped: AdamW;
+   everything clipped: the carried momentum is dropped, the residual step of Prop. 3 is zero.
 2. **controller**: a step multiplier ``alpha`` in ``[alpha_min, 1]`` updated once per window at
    :meth:`observe` (:mod:`grpo_fix.optim.controller`: shrink when the overshoot fraction exceeds
    ``tau``, grow back towards 1 otherwise, never below the floor; a controller stuck at the floor
@@ -24,17 +21,18 @@ correction open; the three mechanisms here are grpo-fix's, driven by the
    not how often the policy overshoots).
 3. **backtrack** (opt-in, one extra no-grad forward per step): :mod:`grpo_fix.optim.backtrack`.
 
-The trainer calls :meth:`ClipAwareAdamW.observe` once per optimizer window with the window's
-signal summed over micro-batches and all-reduced over data-parallel ranks, then ``step()``; the
-signal stays latched for every ``step()`` call until the next ``observe`` (DeepSpeed calls
-``step()`` once per param group or ZeRO-3 sub-group).  Without ``observe`` the optimizer is
-``torch.optim.AdamW``.  The defaults (``tau = 0.05``, no warm start, alpha carried, momentum not
-shrunk with alpha) were chosen on the toy task: ``benchmarks/results/overshoot_*.md``.
+The trainer calls :meth:`ClipAwareAdamW.observe` once per optimizer window (the window's signal
+summed over micro-batches and data-parallel ranks), then ``step()``; the signal stays latched
+until the next ``observe`` (DeepSpeed calls ``step()`` once per param group or ZeRO-3
+sub-group).  Without ``observe`` the optimizer is ``torch.optim.AdamW``.  The defaults
+(``tau = 0.05``, no warm start, alpha carried, momentum not shrunk with alpha) were chosen on
+the toy task: ``benchmarks/results/overshoot_*.md``.
 
 State: torch's AdamW schema (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so
 AdamW checkpoints load and ours load into AdamW; the per-group controller state
-(:mod:`grpo_fix.optim.group_state`) and a per-tensor pending momentum scale ``ca_m_scale`` ride
-along in the state dict.
+(:mod:`grpo_fix.optim.group_state`) rides along.  Between steps ``state[p]["exp_avg"]`` may be
+stored scaled: times ``state[p]["ca_m_scale"]`` (a pending momentum shrink, or the fused CPU
+kernel's lazy scale) it is the first moment; ``state_dict()`` folds the scale in.
 
 Non-finite input: ``nonfinite="skip"`` (default) skips a ``step()`` with a NaN or infinite
 gradient element (:mod:`grpo_fix.optim.finite`), leaving parameters and state untouched and
@@ -60,9 +58,9 @@ from .controller import CONTROLLER_SETTINGS, STUCK_WINDOWS, advance_controller, 
 from .finite import all_finite
 from .functional import clip_aware_adamw
 from .gate import read_window
-from .group_state import PendingSkips, check_loaded_group, fill_group
+from .group_state import PendingSkips, check_loaded_group, count_skip, fill_group
 from .hyperparameters import DEFAULTS, check_adamw_settings, check_fused_group, check_settings, defaults
-from .step_inputs import Collected, groups_with_grads, on_triton, steps_on_device
+from .step_inputs import Collected, all_on_triton, groups_with_grads, on_triton, steps_on_device
 
 __all__ = ["ClipAwareAdamW"]
 
@@ -219,7 +217,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the settings and
         # last_stats too (the process-local attributes are not kept)
-        self._pending_skips.fold()
+        self.state_dict()  # folds the pending skips and momentum scales
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in (*DEFAULTS, "last_stats") if hasattr(self, k)})
         return state
@@ -312,14 +310,15 @@ class ClipAwareAdamW(torch.optim.AdamW):
         return own + int(getattr(engine, "skipped_steps", 0) or 0)
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict``, with the skips decided on the device counted."""
+        """``torch.optim.Optimizer.state_dict``, with the skips decided on the device counted and
+        every momentum scale folded into ``exp_avg`` (in place), so that the saved moments are
+        AdamW's (a run that saves continues exactly like one that resumes)."""
         self._pending_skips.fold()
+        for st in self.state.values():
+            scale = st.pop("ca_m_scale", 1.0)
+            if scale != 1.0:
+                st["exp_avg"].mul_(scale)
         return super().state_dict()
-
-    @staticmethod
-    def _count_skip(groups: list[dict[str, Any]]) -> None:
-        for g in groups:
-            g["ca_skipped"] = int(g.get("ca_skipped", 0)) + 1
 
     @property
     def alpha(self) -> float:
@@ -350,7 +349,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
 
         groups = [g for g in self.param_groups if len(g["params"]) > 0]
         if any(g["ca_invalid"] for g in groups):
-            self._count_skip(groups)
+            count_skip(groups)
             return loss
         collected = groups_with_grads(self.param_groups)
         if not collected:
@@ -366,7 +365,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if not all_finite([p.grad for _, ps in collected for p in ps if p.grad is not None]):
             if self.nonfinite == "raise":
                 raise FloatingPointError("ClipAwareAdamW: non-finite gradient (nonfinite='raise')")
-            self._count_skip(groups)
+            count_skip(groups)
             return loss
         if self.backtrack and self._backtrack_fn is not None:
             self._backtracked_step(self._backtrack_fn, collected, groups)
@@ -380,9 +379,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         the Triton path on one device, no backtrack, ``nonfinite="skip"``."""
         if self.nonfinite != "skip" or (self.backtrack and self._backtrack_fn is not None):
             return False
-        if len({p.device for _, ps in collected for p in ps}) != 1:
-            return False
-        return all(on_triton(self.backend, g, ps) for g, ps in collected)
+        return all_on_triton(self.backend, collected)
 
     def _backtracked_step(
         self,
@@ -411,7 +408,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
             if self.nonfinite == "raise":
                 raise
             warnings.warn(f"{err}; the step is undone and counted as skipped", RuntimeWarning, stacklevel=3)
-            self._count_skip(groups)
+            count_skip(groups)
             return
         except BaseException:
             snapshot.restore(self.state)
@@ -427,7 +424,7 @@ class ClipAwareAdamW(torch.optim.AdamW):
         if on_triton(self.backend, group, params):
             state_steps = steps_on_device(self.state, params)
         beta1, beta2 = group["betas"]
-        clip_aware_adamw(
+        stored = clip_aware_adamw(
             params,
             grads,
             exp_avgs,
@@ -445,3 +442,6 @@ class ClipAwareAdamW(torch.optim.AdamW):
             ok=ok,
             **{k: group[k] for k in ("eps", "weight_decay", "amsgrad", "maximize", "foreach", "fused")},
         )
+        for p, s in zip(params, stored):
+            if s != 1.0:  # the fused CPU kernel's lazily scaled first moment
+                self.state[p]["ca_m_scale"] = s

@@ -103,8 +103,11 @@ def clip_aware_adamw(
     backend: Backend = "auto",
     has_complex: bool = False,
     ok: torch.Tensor | None = None,
-) -> None:
-    """One clip-aware AdamW step on every tensor, in place (see the module docstring).
+) -> list[float]:
+    """One clip-aware AdamW step on every tensor, in place (see the module docstring); returns
+    each tensor's momentum storage scale after the step (1.0 except on torch's fused CPU kernel,
+    which keeps the first moment lazily scaled: the true moment is that scale times
+    ``exp_avgs[i]``; pass it back in ``m_scales`` at the next step).
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs: the parameters, their gradients and Adam moments
@@ -114,7 +117,8 @@ def clip_aware_adamw(
         lr: the learning rate ``lr`` (the group's, never modified).
         alpha: the controller's step multiplier (scales the Adam step, not the weight decay).
         kappa: the gate, the window's unclipped share of the advantage-gradient mass, in [0, 1].
-        m_scales: per-tensor pending momentum scales ``s`` (default 1).
+        m_scales: per-tensor momentum scales ``s``: ``s * exp_avgs[i]`` is the first moment
+            (default 1; a pending shrink, or the scale this function returned last step).
         beta1, beta2, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
         foreach, fused: torch's implementation choice (``backend="torch"`` or the torch fallback).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (module docstring).
@@ -126,8 +130,9 @@ def clip_aware_adamw(
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length")
+    ones = [1.0] * n
     if n == 0:
-        return
+        return ones
     scales = [kappa * float(s) for s in m_scales] if m_scales is not None else [float(kappa)] * n
     if uses_triton(backend, params, grads, lr=lr, amsgrad=amsgrad, fused=fused):
         from grpo_fix.kernels.adamw_step import adamw_step_
@@ -148,7 +153,7 @@ def clip_aware_adamw(
             maximize=maximize,
             ok=ok,
         )
-        return
+        return ones
     if ok is not None:
         raise ValueError("ok (a device skip flag) is read by the Triton backend only")
 
@@ -168,11 +173,13 @@ def clip_aware_adamw(
             eps=eps,
             maximize=maximize,
         )
-        return
+        return ones
     if fused is None and foreach is None:
         fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     h = StepScalars(lr, alpha, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     if not fused and torch.is_tensor(lr):
         raise ValueError("a tensor lr needs fused=True (as in torch's AdamW); pass a float lr")
-    update = fused_update if fused else multi_tensor_update if foreach else single_tensor_update
-    update(*lists, scales, h)
+    if fused:
+        return fused_update(*lists, scales, h)
+    (multi_tensor_update if foreach else single_tensor_update)(*lists, scales, h)
+    return ones

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROUP_DEFAULTS", "PendingSkips", "check_loaded_group", "fill_group"]
+__all__ = ["GROUP_DEFAULTS", "PendingSkips", "check_loaded_group", "count_skip", "fill_group"]
 
 #: Each per-group key and its value for a group that has seen nothing.
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -69,6 +69,12 @@ def check_loaded_group(group: dict[str, Any], index: int, alpha_min: float) -> N
     for key in ("ca_skipped", "ca_stuck"):
         if isinstance(group[key], bool) or not isinstance(group[key], int) or group[key] < 0:
             raise ValueError(f"the loaded state dict has {where}['{key}'] = {group[key]!r}; it must be an int >= 0")
+
+
+def count_skip(groups: list[dict[str, Any]]) -> None:
+    """One skipped ``step()`` of ``groups``."""
+    for g in groups:
+        g["ca_skipped"] = int(g.get("ca_skipped", 0)) + 1
 
 
 class PendingSkips:

@@ -14,7 +14,7 @@ from .finite import raise_if_sparse
 from .functional import uses_triton
 from .hyperparameters import check_lr
 
-__all__ = ["Collected", "groups_with_grads", "on_triton", "steps_on_device"]
+__all__ = ["Collected", "all_on_triton", "groups_with_grads", "on_triton", "steps_on_device"]
 
 #: (param group, its parameters that have a gradient), per group with any
 Collected = list[tuple[dict[str, Any], list[torch.Tensor]]]
@@ -39,6 +39,13 @@ def on_triton(backend: Any, group: dict[str, Any], params: list[torch.Tensor]) -
     """Whether ``group``'s update of ``params`` runs the Triton kernel (:func:`uses_triton`)."""
     grads = [p.grad for p in params if p.grad is not None]
     return uses_triton(backend, params, grads, lr=group["lr"], amsgrad=group["amsgrad"], fused=group["fused"])
+
+
+def all_on_triton(backend: Any, collected: Collected) -> bool:
+    """Whether every group's update runs the Triton kernel, all on one device."""
+    if len({p.device for _, ps in collected for p in ps}) != 1:
+        return False
+    return all(on_triton(backend, g, ps) for g, ps in collected)
 
 
 def steps_on_device(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]) -> list[torch.Tensor]:

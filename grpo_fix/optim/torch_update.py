@@ -8,15 +8,25 @@ torch's own ``adam()``, bit for bit.
   sizes of the final ``addcdiv``, and the decay stays ``lr * weight_decay``;
 - :func:`single_tensor_update`: the same one tensor at a time (torch's default on CPU: less
   temporary memory);
-- :func:`fused_update`: torch's fused kernel (one pass), the gate applied to ``m`` first.  The
-  kernel takes one learning rate for the decay and the step: it gets ``lr * alpha`` and the
-  decay coefficient ``lr * weight_decay / (lr * alpha)``, so that the decay stays
-  ``lr * weight_decay`` (``alpha >= alpha_min > 0`` keeps the ratio bounded).
+- :func:`fused_update`: torch's fused kernel (one pass).  The kernel computes
+  ``m <- b * m + (1 - b) * g`` with one coefficient; the gate needs ``beta1 * kappa * s`` on the
+  old ``m`` and ``1 - beta1`` on ``g``, so on CPU the first moment is kept lazily scaled: the
+  stored ``exp_avg`` times the tensor's scale ``s`` is the true moment, each step runs the
+  kernel with ``b = 1 - (1 - beta1) / c'`` where ``c' = beta1 * kappa * s + (1 - beta1)`` (so
+  ``c' * m_new`` is the gated moment; ``c'`` stays in ``[1 - beta1, 1]``), compensates ``c'`` and
+  the kernel's bias correction in the step size, and returns ``c'`` as the new ``s``.  The
+  optimizer keeps ``s`` as ``state["ca_m_scale"]`` and folds it into ``exp_avg`` in
+  ``state_dict()``.  With the
+  step counts on a GPU (no host read of ``t``) the gate scales ``m`` in place instead.  The
+  kernel takes one learning rate for the decay and the step: it gets the step's and the decay
+  coefficient ``lr * weight_decay / step_lr``, so that the decay stays ``lr * weight_decay``
+  (``alpha >= alpha_min > 0`` keeps the ratio bounded).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -162,33 +172,71 @@ def fused_update(
     state_steps: list[torch.Tensor],
     scales: list[float],
     h: StepScalars,
+) -> list[float]:
+    """The clip-aware update with torch's fused AdamW kernel (module docstring); returns each
+    tensor's momentum storage scale after the step (its first moment is that times ``exp_avg``)."""
+    lazy = all(st.device.type == "cpu" for st in state_steps) and not torch.is_tensor(h.lr)
+    if not lazy:  # steps on the device: no host read; the gate scales the first moment in place
+        by_scale: dict[float, list[int]] = {}
+        for i, s in enumerate(scales):
+            if s != 1.0:
+                by_scale.setdefault(s, []).append(i)
+        for s, idx in by_scale.items():
+            torch._foreach_mul_([exp_avgs[i] for i in idx], s)
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        _fused_call(*lists, range(len(params)), h, h.beta1, h.lr * h.alpha)
+        return [1.0] * len(params)
+    calls: dict[tuple[float, float], list[int]] = {}
+    stored = []
+    for i, (st, c) in enumerate(zip(state_steps, scales)):
+        beta1_k, c_next = h.beta1, 1.0
+        if c != 1.0:  # m_true = c' * m_stored with c' = beta1 * c + (1 - beta1): lerp weight (1 - beta1) / c'
+            c_next = h.beta1 * c + (1.0 - h.beta1)
+            beta1_k = 1.0 - (1.0 - h.beta1) / c_next
+        t = float(st) + 1.0  # the kernel's bias correction uses beta1_k: step with lr * alpha * c' * bc1_k / bc1
+        step_lr = float(h.lr) * h.alpha * c_next * (1.0 - beta1_k**t) / (1.0 - h.beta1**t)
+        calls.setdefault((beta1_k, step_lr), []).append(i)
+        stored.append(c_next)
+    for (beta1_k, step_lr), idx in calls.items():
+        _fused_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, idx, h, beta1_k, step_lr)
+    return stored
+
+
+def _fused_call(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    idx: Iterable[int],
+    h: StepScalars,
+    beta1: float,
+    step_lr: float | torch.Tensor,
 ) -> None:
-    """The clip-aware update with torch's fused AdamW kernel (module docstring)."""
-    by_scale: dict[float, list[torch.Tensor]] = {}
-    for m, s in zip(exp_avgs, scales):
-        if s != 1.0:
-            by_scale.setdefault(s, []).append(m)
-    for s, ms in by_scale.items():
-        torch._foreach_mul_(ms, s)
-    step_lr = h.lr * h.alpha
+    """torch's fused kernel on the tensors ``idx``, stepping with ``step_lr`` and decaying by
+    ``lr * weight_decay`` (the kernel decays by its own lr: the coefficient handed to it is
+    ``lr * weight_decay / step_lr``, or the decay runs on its own for a tensor or zero lr)."""
+    idx = list(idx)
+    ps = [params[i] for i in idx]
     step_wd = 0.0
-    if torch.is_tensor(step_lr) or step_lr == 0:  # a tensor lr (or lr == 0): the decay on its own
+    if torch.is_tensor(step_lr) or step_lr == 0:
         if h.weight_decay != 0 and (torch.is_tensor(h.lr) or h.lr != 0):
-            torch._foreach_mul_(params, 1 - h.lr * h.weight_decay)
+            torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
     else:
         step_wd = float(h.lr * h.weight_decay / step_lr)  # step_lr * step_wd == lr * weight_decay
     _torch_adam(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
+        ps,
+        [grads[i] for i in idx],
+        [exp_avgs[i] for i in idx],
+        [exp_avg_sqs[i] for i in idx],
+        [max_exp_avg_sqs[i] for i in idx] if h.amsgrad else [],
+        [state_steps[i] for i in idx],
         fused=True,
         amsgrad=h.amsgrad,
         maximize=h.maximize,
         decoupled_weight_decay=True,
-        beta1=h.beta1,
+        beta1=beta1,
         beta2=h.beta2,
         lr=step_lr,
         weight_decay=step_wd,
