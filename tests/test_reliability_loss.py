@@ -312,3 +312,18 @@ def test_calls_with_no_tokens_per_row(preset):
         lp, torch.zeros(2, 0), torch.ones(2), torch.zeros(2, 0, dtype=torch.bool), group_size=1
     )
     assert float(out.loss) == 0.0 and float(out.signal.max_excess) == 0.0 and float(out.signal.num_tokens) == 0.0
+
+
+@pytest.mark.parametrize("B,T", [(4, 5), (64, 512)])
+def test_everything_clipped_gives_exactly_zero_active_mass(B, T):
+    """The signal's active mass is the total minus the clipped tokens' mass: with every token
+    clipped it must be exactly 0, never a rounding-negative mass that ClipAwareAdamW refuses."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(B, T, generator=g)
+    adv = torch.randn(B, generator=g).abs() + 0.1
+    old = logp - 1.0  # every ratio e^1 > 1.2 with A > 0: all clipped
+    sig = surrogate_loss(
+        PRESETS["uniform"], logp.requires_grad_(), old, adv, torch.ones(B, T, dtype=torch.bool), group_size=None
+    ).signal
+    sig.validate()
+    assert float(sig.active_mass) == 0.0 and float(sig.kappa) == 0.0 and float(sig.total_mass) > 0

@@ -38,7 +38,8 @@ def trust_region_diagnostics(
     if zeroed is None:
         active, num_clipped = total, total.new_zeros(())
     else:
-        active = total - _dot(mass, zeroed).to(f64)
+        # the same reduction as total's, so that clipping everything leaves exactly 0 (never < 0)
+        active = (total - (mass * zeroed).sum().to(f64)).clamp_min(0.0)
         num_clipped = zeroed.sum().to(f64)
     num_overshoot = num_clipped if terms.overshoot is zeroed else terms.overshoot.sum().to(f64)
     lo, hi = cfg.clip_bounds
