@@ -26,10 +26,10 @@ EXPERIMENTS = {
 BENCHMARKS = ("bench_kernels.py", "bench_optimizer.py", "bench_train_step.py")
 SOURCE_HELP = (
     "The benchmark scripts are not part of the wheel: they live in benchmarks/ of the source distribution.\n"
-    "Get them and their baselines with\n"
+    "Install that instead (editable, so the scripts import the package they sit next to):\n"
     f'  pip download --no-deps --no-binary :all: "grpo-fix=={__version__}" && tar xzf grpo_fix-{__version__}.tar.gz\n'
-    '  pip install "grpo-fix[bench,trl,triton]"\n'
-    f"then run `grpo-fix bench --source grpo_fix-{__version__}` (or `python benchmarks/<script>.py` there)."
+    f'  pip install -e "./grpo_fix-{__version__}[bench,trl,triton]"\n'
+    "then run `grpo-fix bench` (or `python benchmarks/<script>.py` in that folder)."
 )
 
 
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--source", help="a source checkout or unpacked sdist holding benchmarks/ (default: this one)")
+    b.add_argument("--source", help="source tree with benchmarks/ (default: the one grpo_fix runs from, else the cwd)")
     return ap
 
 

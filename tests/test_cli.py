@@ -45,7 +45,8 @@ def test_bench_finds_this_checkout_and_names_the_sdist_elsewhere(tmp_path, capsy
     assert cli.benchmarks_dir(str(tmp_path)) is None
     assert cli.main(["bench", "--source", str(tmp_path)]) == 2
     out = capsys.readouterr().out
-    assert "pip download --no-deps --no-binary :all:" in out and "grpo-fix[bench,trl,triton]" in out
+    assert "pip download --no-deps --no-binary :all:" in out and "pip install -e" in out
+    assert f"grpo_fix-{cli.__version__}[bench,trl,triton]" in out
 
 
 def test_bench_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):

@@ -14,8 +14,9 @@ Both runs are offline: ``HF_HUB_CACHE`` points at tiny local checkpoints under t
 
 Skipped in both runs, with the reason in the report: tests that need liger-kernel (``use_liger_kernel=True``
 or ``@require_liger_kernel``; TRL 1.16 deprecates it), tests that load a Hub checkpoint :mod:`tiny_hub` cannot
-build (the vision-language models), and, through TRL's own markers, tests that need vLLM, a GPU, bitsandbytes,
-``kernels`` or jmespath when those are not installed.
+build (the vision-language models), tests whose faked generations hard-code ordinary token ids of Qwen's real
+vocabulary, and, through TRL's own markers, tests that need vLLM, a GPU, bitsandbytes, ``kernels`` or jmespath
+when those are not installed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +46,20 @@ import tiny_hub  # noqa: E402
 
 UPSTREAM = HERE / "upstream"
 LIGER_REASON = "needs liger-kernel (deprecated in TRL 1.16): skipped in both runs"
+QWEN_IDS_REASON = (
+    "hard-codes token ids of Qwen's real 151k-token vocabulary (a faked generation decoded as tool calls); "
+    "the offline tokenizer keeps only the special-token ids: skipped in both runs"
+)
+INT_LIST = re.compile(r"\[(?:\s*\d+\s*,)+\s*\d+\s*,?\s*\]")
+
+
+def _hard_codes_qwen_vocabulary(source: str) -> bool:
+    """A literal list of token ids mixing Qwen's ordinary ids (256..151642) with its special ones (>= 151643)."""
+    for literal in INT_LIST.findall(source):
+        ids = [int(x) for x in re.findall(r"\d+", literal)]
+        if any(256 <= i < tiny_hub.QWEN_FIRST_ADDED_ID for i in ids) and max(ids) >= tiny_hub.QWEN_FIRST_ADDED_ID:
+            return True
+    return False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -140,9 +156,11 @@ def _skip_reason(item: pytest.Item) -> str | None:
     function = getattr(item, "function", None)
     source = inspect.getsource(function) if function is not None else ""
     source = source[source.find("def ") :]  # the body, not the parametrize lists of sibling items
-    missing = tiny_hub.missing_ids(source + " " + " ".join(map(str, params.values())))
+    missing = tiny_hub.missing_ids(" ".join(map(str, params.values()))) or tiny_hub.missing_ids(source)
     if missing:
-        return f"loads {', '.join(missing)}: no offline tiny build (vision-language processor): skipped in both runs"
+        return f"loads {missing[0]} (vision-language; no offline tiny build): skipped in both runs"
+    if _hard_codes_qwen_vocabulary(source):
+        return QWEN_IDS_REASON
     return None
 
 

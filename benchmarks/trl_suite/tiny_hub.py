@@ -8,10 +8,12 @@ and writes it into a Hugging Face cache folder in the Hub's own layout
 (``models--org--name/refs/main`` + ``snapshots/<hash>/``). With ``HF_HUB_CACHE`` pointing there and
 ``HF_HUB_OFFLINE=1``, every ``from_pretrained`` (the test's, TRL's, PEFT's) resolves the id locally, unchanged.
 
-What differs from the Hub checkpoints: the vocabulary (a few hundred BPE tokens instead of the family's
-150k-260k) and the random weights. Vision-language ids have no builder: their processors need the original
-tokenizer/processor files and torchvision (the video processor); :func:`missing_ids` lists the ids a test names
-that this module cannot build, and the suite's conftest skips those tests in both runs.
+What differs from the Hub checkpoints: the vocabulary (a few hundred BPE merges; for the Qwen families padded
+with unreachable fillers so that the special tokens keep their real ids and the model its 151k-row embedding,
+since TRL's tests hard-code ``<|im_end|>`` = 151645) and the random weights. Vision-language ids have no
+builder: their processors need the original tokenizer/processor files and torchvision (the video processor);
+:func:`missing_ids` lists the ids a test names that this module cannot build, and the suite's conftest skips
+those tests in both runs.
 
     build_hub(Path("hub"))      # idempotent; rebuilt when HUB_VERSION changes
 """
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HUB_VERSION = "3"
+HUB_VERSION = "4"
 ORG = "trl-internal-testing"
 
 # Text the tokenizer is trained on: the prompts of TRL's "zen" datasets, tool-call syntax, digits.
@@ -56,9 +58,19 @@ MISTRAL_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+# Qwen's added tokens, in their real order from id 151643 (TRL's tests hard-code <|im_end|> = 151645 and
+# <|endoftext|> = 151643); Qwen3 appends the last four.
+QWEN_ADDED = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|> "
+    "<|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|> "
+    "<tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|> "
+    "<tool_response> </tool_response> <think> </think>"
+).split()
+QWEN_FIRST_ADDED_ID = 151643
+QWEN = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", gen_eos=("<|endoftext|>",))
 FAMILIES: dict[str, dict[str, Any]] = {
-    "qwen2_5": dict(template="qwen2_5.jinja", bos=None, eos="<|im_end|>", pad="<|endoftext|>"),
-    "qwen3": dict(template="qwen3.jinja", bos=None, eos="<|im_end|>", pad="<|endoftext|>"),
+    "qwen2_5": dict(QWEN, template="qwen2_5.jinja", added=QWEN_ADDED[:22]),
+    "qwen3": dict(QWEN, template="qwen3.jinja", added=QWEN_ADDED),
     "llama3_2": dict(
         template="llama3_2.jinja",
         bos="<|begin_of_text|>",
@@ -95,12 +107,30 @@ def _chat_template(name: str) -> str:
     return (Path(trl.__file__).parent / "chat_templates" / name).read_text(encoding="utf-8")
 
 
+def _at_fixed_ids(tok, added: list[str], first_id: int):
+    """``tok`` with unreachable filler entries up to ``first_id`` and ``added`` from there (special when written
+    ``<|...|>``): the ids of the original vocabulary for the tokens that matter, a few hundred real merges."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"\u0120unused{i}": i for i in range(len(vocab), first_id)})  # "\u0120": byte-level space
+    vocab.update({t: first_id + k for k, t in enumerate(added)})
+    spec["model"]["ignore_merges"] = False  # fillers are never produced: no merge leads to them
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
+    spec["added_tokens"] = [
+        dict(id=first_id + k, content=t, special=t.startswith("<|"), **flags) for k, t in enumerate(added)
+    ]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def build_tokenizer(family: str, vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on :data:`CORPUS` with ``family``'s chat template and special tokens.
 
-    Tokens written ``<|...|>`` in the template, and bos/eos/pad/unk, are special (dropped by
-    ``skip_special_tokens``); other template tags (``<tool_call>``, ``<think>``, ...) are plain added tokens, as
-    in the original tokenizers, so a decoded completion keeps them.
+    Qwen families: the real added-token table at the real ids (:data:`QWEN_ADDED`), after unreachable fillers.
+    Others: tokens written ``<|...|>`` in the template, and bos/eos/pad/unk, are special (dropped by
+    ``skip_special_tokens``); other template tags (``<tool_call>``, ``<think>``, ...) are plain added tokens, so
+    a decoded completion keeps them.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -117,12 +147,15 @@ def build_tokenizer(family: str, vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=special,
+        special_tokens=[] if "added" in spec else special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in plain])
+    if "added" in spec:
+        tok = _at_fixed_ids(tok, spec["added"], QWEN_FIRST_ADDED_ID)
+    else:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in plain])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=spec.get("bos"),
