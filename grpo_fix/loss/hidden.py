@@ -182,12 +182,10 @@ def linear_surrogate_loss(
     packed_ids = completion_ids
     lay = None
     if cu_seqlens is not None:
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-            raise ValueError(f"with cu_seqlens, hidden must be packed (N, H), got {getattr(hidden, 'shape', None)}")
         lay, mask, advantages = PackedLayout.for_inputs(
             cu_seqlens,
-            hidden.shape[0],
-            hidden.device,
+            hidden,
+            "hidden",
             mask,
             advantages,
             completion_ids=completion_ids,

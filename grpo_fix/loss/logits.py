@@ -93,12 +93,10 @@ def logits_surrogate_loss(
     temperature = check_temperature(temperature)
     triton = use_triton(backend, logits) if isinstance(logits, torch.Tensor) else False
     if cu_seqlens is not None:
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise ValueError(f"with cu_seqlens, logits must be packed (N, V), got {getattr(logits, 'shape', None)}")
         lay, mask, advantages = PackedLayout.for_inputs(
             cu_seqlens,
-            logits.shape[0],
-            logits.device,
+            logits,
+            "logits",
             mask,
             advantages,
             completion_ids=completion_ids,

@@ -8,7 +8,7 @@ they continue the prompt's positions and do not mark where sequences start.
 
 from __future__ import annotations
 
-from typing import overload
+from typing import Any, overload
 
 import torch
 
@@ -64,14 +64,19 @@ class PackedLayout:
     def for_inputs(
         cls,
         cu_seqlens: torch.Tensor,
-        total: int,
-        device: torch.device,
+        rows: Any,
+        name: str,
         mask: torch.Tensor | None,
         advantages: torch.Tensor,
         **packed: torch.Tensor | None,
     ) -> tuple[PackedLayout, torch.Tensor, torch.Tensor]:
-        """Validate packed ``(N,)`` inputs and build the layout; returns ``(layout, mask, advantages)``
-        with a default all-true mask and per-token packed advantages padded to ``(B, T_max)``."""
+        """Validate packed inputs and build the layout: ``rows`` is the packed ``(N, ·)`` tensor
+        the tokens read (the logits or the hidden states, called ``name`` in errors), ``packed``
+        the ``(N,)`` ones.  Returns ``(layout, mask, advantages)`` with a default all-true mask
+        and per-token packed advantages padded to ``(B, T_max)``."""
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+            raise ValueError(f"with cu_seqlens, {name} must be packed (N, ·), got {getattr(rows, 'shape', type(rows))}")
+        total, device = rows.shape[0], rows.device
         if mask is None:
             mask = torch.ones(total, dtype=torch.bool, device=device)
         _check_packed_len(total, mask=mask, **packed)
