@@ -20,8 +20,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @st.composite
-def poisoned(draw: st.DrawFn, base: torch.Tensor, *, at: torch.Tensor | None = None,
-             values: tuple[float, ...] = SPECIAL_FLOATS, max_count: int = 3) -> torch.Tensor:
+def poisoned(
+    draw: st.DrawFn,
+    base: torch.Tensor,
+    *,
+    at: torch.Tensor | None = None,
+    values: tuple[float, ...] = SPECIAL_FLOATS,
+    max_count: int = 3,
+) -> torch.Tensor:
     """A copy of ``base`` with up to ``max_count`` entries replaced by hostile values, at positions
     where ``at`` is True (anywhere when ``at`` is None)."""
     out = base.clone()
