@@ -12,7 +12,8 @@ calls these kernels or their torch references (:mod:`.reference`) through
   :func:`logprob_backward`.
 - :mod:`.linear`: :func:`fused_linear_logprob` (logits-free: three GEMMs per chunk, fp32 dW, the
   upstream gradient from a callback) and :func:`linear_logprobs` (no grad).
-- :mod:`.adamw_step`: the single-pass clip-aware AdamW update of :class:`grpo_fix.ClipAwareAdamW`.
+- :mod:`.adamw_step`: the clip-aware AdamW update of :class:`grpo_fix.ClipAwareAdamW` (one multi-tensor
+  launch per param group, a device-side skip flag).
 - :mod:`.reference`: the torch reference of each; :mod:`.checks`: the input checks both share.
 
 ``import grpo_fix.kernels`` needs neither triton nor CUDA (triton is imported on first launch).
