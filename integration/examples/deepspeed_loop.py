@@ -21,9 +21,10 @@ needs:
    ``zero_force_ds_cpu_optimizer: false`` under offload), then ``attach_deepspeed`` (asserts the
    engine steps *our* optimizer);
 2. prefix-consistent advantages computed once per rollout batch over whole groups;
-3. per optimizer window (``gradient_accumulation_steps`` micro-batches): the exact global token
-   count ``num_window_tokens`` and ``dp_size`` passed to the loss, the loss's signals summed over
-   the micro-batches, all-reduced, and ``observe``-d before ``engine.step()``, with
+3. per optimizer window (``gradient_accumulation_steps`` micro-batches): a ``grpo_fix.Window`` with
+   the exact global token count and ``dp_size`` passed to the loss, the loss's signals summed over
+   the micro-batches by a ``SignalAccumulator``, all-reduced, and ``observe``-d before
+   ``engine.step()``, with
    ``rollout_start`` on the first window of each rollout batch.
 """
 
@@ -76,7 +77,13 @@ def run(stage: int, args) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from grpo_fix import ClipAwareAdamW, GroupSurrogateLoss, TrustRegionSignal, prefix_consistent_advantages
+    from grpo_fix import (
+        ClipAwareAdamW,
+        GroupSurrogateLoss,
+        SignalAccumulator,
+        Window,
+        prefix_consistent_advantages,
+    )
     from grpo_fix.integration.deepspeed import attach_deepspeed, clip_aware_deepspeed_config
 
     model = tiny_policy()
@@ -120,17 +127,16 @@ def run(stage: int, args) -> dict:
         if world > 1:
             dist.all_reduce(n_window)
 
+        window = Window(tokens=n_window, dp_size=world)  # micro_batches=1: engine.backward does not rescale
+        signals = SignalAccumulator()
         for it in range(args.inner_steps):
-            window = TrustRegionSignal.zeros(device)
             for j in range(args.ga):
                 mb = slice(j * args.micro_batch, (j + 1) * args.micro_batch)
                 logp = completion_logps(engine, prompt[mb], completion[mb], mask[mb])
-                out = loss_fn(
-                    logp, old[mb], adv_tok[mb], mask[mb], group_size=None, num_window_tokens=n_window, dp_size=world
-                )
-                window = window + out.signal
+                out = loss_fn(logp, old[mb], adv_tok[mb], mask[mb], group_size=None, window=window)
+                signals.add(out.signal)
                 if j == args.ga - 1:  # observe before the backward/step of the window's last micro-batch
-                    opt.observe(window.all_reduce().with_rollout_start(it == 0))
+                    opt.observe(signals.take(all_reduce=True, rollout_start=it == 0))
                 engine.backward(out.loss, scale_wrt_gas=False)  # the loss is already window-normalised
                 engine.step()  # DeepSpeed steps the optimizer at the window boundary only
             kappas.append(opt.last_stats["kappa"])
