@@ -9,13 +9,15 @@ Usage::
     cfg = clip_aware_deepspeed_config(ds_config)          # validates / completes the config
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     attach_deepspeed(opt, engine)                          # checks nobody swapped the optimizer
-    for window in windows:
-        sig = TrustRegionSignal.zeros()
-        for mb in window:                                  # gradient accumulation
-            out = loss_fn(...); engine.backward(out.loss); sig = sig + out.signal
-            ...
-        opt.observe(sig.all_reduce(opt_group), ...)       # or opt.observe(sig, all_reduce=True)
-        engine.step()
+    signals = SignalAccumulator()
+    for micro_batches in windows:                          # gradient accumulation
+        for mb in micro_batches:
+            out = loss_fn(..., window=Window(tokens=n_window_tokens, dp_size=world))
+            signals.add(out.signal)
+            if mb is micro_batches[-1]:                    # before the step that ends the window
+                opt.observe(signals.take(all_reduce=True))
+            engine.backward(out.loss, scale_wrt_gas=False)  # the loss is already window-normalised
+            engine.step()                                   # steps the optimizer at the boundary
 
 What the optimizer relies on: under ZeRO-1/2 ``step()`` runs
 once per param group on one flat fp32 partition, under ZeRO-3 once per sub-group with the other
@@ -29,6 +31,9 @@ holds only without ZeRO in fp32; :func:`attach_deepspeed` refuses it otherwise.
 Universal checkpoints (``checkpoint.load_universal``) at ZeRO-3: call :func:`attach_deepspeed`
 before ``engine.load_checkpoint``; it repairs two bugs of DeepSpeed 0.19.8's loader that made the
 resumed run diverge (see :func:`_repair_zero3_universal_loads`).
+
+:func:`attach_deepspeed` also installs :class:`LoopChecks` on the engine: the two loop mistakes the
+example above avoids (a second accumulation scaling, a signal observed after the step) raise.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import copy
 import weakref
 from typing import Any
 
-__all__ = ["attach_deepspeed", "check_deepspeed_config", "clip_aware_deepspeed_config", "offload_device"]
+__all__ = ["LoopChecks", "attach_deepspeed", "check_deepspeed_config", "clip_aware_deepspeed_config", "offload_device"]
 
 
 def offload_device(config: dict) -> str:
@@ -180,7 +185,87 @@ def attach_deepspeed(optimizer: Any, engine: Any) -> Any:
     zero3 = getattr(engine, "optimizer", None)
     if stage == 3 and hasattr(zero3, _ZERO3_UNIVERSAL_LOADER):
         _repair_zero3_universal_loads(zero3, optimizer)
+    if all(callable(getattr(engine, name, None)) for name in ("backward", "step", "gradient_accumulation_steps")):
+        optimizer._deepspeed["loop"] = LoopChecks.install(engine)
     return optimizer
+
+
+class LoopChecks:
+    """Two mistakes of a hand-written DeepSpeed loop that would otherwise train silently wrong,
+    caught on the engine's ``backward`` and ``step`` (installed by :func:`attach_deepspeed`).
+
+    1. **Double accumulation scaling.**  A grpo-fix loss normalised over its optimizer window
+       (``Window(tokens=...)`` etc.; :data:`grpo_fix.loss.surrogate.WINDOW_NORMALISED`) is already
+       scaled for gradient accumulation; ``engine.backward(loss)`` divides it by
+       ``gradient_accumulation_steps`` again.  Refused (``ValueError``) when the accumulation
+       steps exceed 1: call ``engine.backward(loss, scale_wrt_gas=False)``.
+    2. **A stale signal.**  ``opt.observe(signal)`` must come after the window's micro-batches (at
+       the latest before its last ``engine.step()``).  Called after ``engine.step()`` instead, it
+       is read by the *next* window's step.  Once ``observe`` has been used, a window whose
+       optimizer step comes with no ``observe`` after at least ``gradient_accumulation_steps - 1``
+       of its backward passes raises ``RuntimeError``.  With one micro-batch per window the two
+       orders look the same and nothing is checked.
+
+    Transformers' Trainer (and so TRL and ``GRPOFixTrainer``) passes ``scale_wrt_gas=False`` and
+    observes inside the loss call, so both checks hold there by construction.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.accumulation = int(engine.gradient_accumulation_steps())
+        self.backwards = 0  # backward passes of the current window
+        self.observed_after: int | None = None  # self.backwards at this window's last observe()
+        self.observing = False  # observe() has been called at least once
+
+    @classmethod
+    def install(cls, engine: Any) -> LoopChecks:
+        """The checks of ``engine``, wrapping its ``backward`` and ``step`` once."""
+        existing = getattr(engine, "_grpo_fix_loop_checks", None)
+        if isinstance(existing, cls):
+            return existing
+        checks = cls(engine)
+        backward, step = engine.backward, engine.step
+
+        def checked_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+            scale = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
+            checks.before_backward(loss, bool(scale))
+            return backward(loss, *args, **kwargs)
+
+        def checked_step(*args: Any, **kwargs: Any) -> Any:
+            checks.before_step(bool(engine.is_gradient_accumulation_boundary()))
+            return step(*args, **kwargs)
+
+        engine.backward, engine.step = checked_backward, checked_step
+        engine._grpo_fix_loop_checks = checks
+        return checks
+
+    def before_backward(self, loss: Any, scale_wrt_gas: bool) -> None:
+        from grpo_fix.loss.surrogate import WINDOW_NORMALISED
+
+        if scale_wrt_gas and self.accumulation > 1 and getattr(loss, WINDOW_NORMALISED, False):
+            raise ValueError(
+                f"engine.backward(loss) would divide this grpo-fix loss by gradient_accumulation_steps="
+                f"{self.accumulation} a second time: the loss is already normalised over its optimizer window "
+                "(grpo_fix.Window). Call engine.backward(loss, scale_wrt_gas=False)"
+            )
+        self.backwards += 1
+
+    def observed(self) -> None:
+        """Called by :meth:`grpo_fix.ClipAwareAdamW.observe`."""
+        self.observed_after, self.observing = self.backwards, True
+
+    def before_step(self, boundary: bool) -> None:
+        if not boundary:
+            return
+        after, self.observed_after, done = self.observed_after, None, self.backwards
+        self.backwards = 0
+        if self.observing and self.accumulation > 1 and (after is None or after < self.accumulation - 1):
+            when = "not at all" if after is None else f"after {after} of its {done} backward passes"
+            raise RuntimeError(
+                f"ClipAwareAdamW would step this window on a stale trust-region signal: observe() was called "
+                f"{when} in this window, so the signal it holds is the previous window's (observe() after "
+                "engine.step()?). Call opt.observe(signal) after the window's backward passes, or before its "
+                "last one, and before the engine.step() that ends the window"
+            )
 
 
 #: The method of DeepSpeed's ZeRO-3 optimizer that loads a universal checkpoint's optimizer state.

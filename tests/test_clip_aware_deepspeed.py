@@ -164,3 +164,86 @@ def test_attach_refuses_backtrack_under_zero_or_low_precision(stage, bf16):
     attach_deepspeed(plain, fake_engine(plain, stage=stage, bf16=bf16))
     with pytest.raises(RuntimeError, match="backtrack"):
         plain.set_backtrack_fn(lambda: None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop checks of attach_deepspeed (issue 15 item 7): double accumulation scaling, stale signal
+# ------------------------------------------------------------------------------------------------
+class LoopEngine:
+    """DeepSpeed's engine as a hand-written loop sees it: backward scales by 1/GA unless told not
+    to; step() steps the optimizer at the accumulation boundary only."""
+
+    def __init__(self, opt, ga):
+        self.basic_optimizer, self.ga, self.micro_steps = opt, ga, 0
+        for name, value in vars(fake_engine(opt)).items():
+            if name != "basic_optimizer":
+                setattr(self, name, value)
+
+    def gradient_accumulation_steps(self):
+        return self.ga
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro_steps + 1) % self.ga == 0
+
+    def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
+        (loss / self.ga if scale_wrt_gas else loss).backward(retain_graph=retain_graph)
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            self.basic_optimizer.step()
+            self.basic_optimizer.zero_grad()
+        self.micro_steps += 1
+
+
+def _window_loop(ga, *, window_tokens, scale_wrt_gas, observe_after_step=False, windows=2):
+    from grpo_fix import GroupSurrogateLoss, SignalAccumulator, Window
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    opt = ClipAwareAdamW([w], lr=1e-2)
+    engine = LoopEngine(opt, ga)
+    attach_deepspeed(opt, engine)
+    loss_fn = GroupSurrogateLoss("uniform")
+    x, adv = torch.randn(ga, 2, 4), torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    window = Window(tokens=int(mask.sum()) * ga if window_tokens else None)
+    signals = SignalAccumulator()
+    for _ in range(windows):
+        for j in range(ga):
+            logp = torch.log_softmax(x[j] @ w, -1)
+            out = loss_fn(logp, logp.detach(), adv, mask, group_size=None, window=window)
+            signals.add(out.signal)
+            if j == ga - 1 and not observe_after_step:
+                opt.observe(signals.take())
+            engine.backward(out.loss, scale_wrt_gas=scale_wrt_gas)
+            engine.step()
+            if j == ga - 1 and observe_after_step:
+                opt.observe(signals.take())
+    return opt
+
+
+def test_loop_checks_refuse_double_accumulation_scaling():
+    with pytest.raises(ValueError, match=r"scale_wrt_gas=False"):
+        _window_loop(2, window_tokens=True, scale_wrt_gas=True)
+    _window_loop(2, window_tokens=True, scale_wrt_gas=False)  # the right call
+    _window_loop(2, window_tokens=False, scale_wrt_gas=True)  # per-call means: DeepSpeed's scaling is right
+    _window_loop(1, window_tokens=True, scale_wrt_gas=True)  # nothing to accumulate
+
+
+def test_loop_checks_refuse_a_stale_signal():
+    with pytest.raises(RuntimeError, match=r"stale trust-region signal.*observe\(\) after\s+engine.step\(\)"):
+        _window_loop(3, window_tokens=True, scale_wrt_gas=False, observe_after_step=True, windows=3)
+    opt = _window_loop(3, window_tokens=True, scale_wrt_gas=False, windows=3)
+    assert opt.last_stats["kappa"] == pytest.approx(1.0)
+
+
+def test_loop_checks_are_installed_once_and_not_on_engines_without_a_loop():
+    opt = ClipAwareAdamW([torch.nn.Parameter(torch.zeros(2))])
+    engine = LoopEngine(opt, 2)
+    attach_deepspeed(opt, engine)
+    backward = engine.backward
+    attach_deepspeed(opt, engine)
+    assert engine.backward is backward
+    plain = ClipAwareAdamW([torch.nn.Parameter(torch.zeros(2))])
+    attach_deepspeed(plain, fake_engine(plain))
+    assert plain._deepspeed.get("loop") is None

@@ -34,7 +34,7 @@ from .config import SurrogateConfig
 from .logits import classes_before_launch
 from .math import token_advantages, token_loss, window_alpha
 from .packed import PackedLayout
-from .surrogate import SurrogateOutput, as_token_weights, check_call, surrogate_loss
+from .surrogate import WINDOW_NORMALISED, SurrogateOutput, as_token_weights, check_call, surrogate_loss
 from .validation import Checks, ValueChecks
 
 logger = logging.getLogger(__name__)
@@ -321,4 +321,5 @@ def linear_surrogate_loss(
         out = surrogate_loss(cfg, result.logp.view(B, T), old_logp, advantages, mask, classes=classes, **loss_args)
     dX = None if result.grad_hidden is None else result.grad_hidden.view(hidden.shape)
     loss = _Precomputed.apply(hidden, weight, bias, out.loss.detach(), (dX, result.grad_weight, result.grad_bias))
+    setattr(loss, WINDOW_NORMALISED, getattr(out.loss, WINDOW_NORMALISED))
     return SurrogateOutput(loss=loss, signal=out.signal, metrics={**out.metrics}, checks=out.checks)

@@ -157,6 +157,21 @@ def window_alpha(cfg: SurrogateConfig, valid: torch.Tensor, window: Window) -> t
     return torch.full((), 1.0 / max(B * l_max * window.micro_batches, 1), dtype=f64, device=dev)
 
 
+def spans_calls(cfg: SurrogateConfig, window: Window) -> bool:
+    """Whether the weighting of ``cfg`` normalises a call's loss over more than the call itself
+    (the window's tokens or sequences of several micro-batches or ranks, :func:`window_alpha`).
+
+    Such a loss is already scaled for gradient accumulation: summing the micro-batches' gradients
+    gives the window's gradient, and a trainer that divides it by the accumulation steps again
+    (DeepSpeed's ``engine.backward`` by default) shrinks it by that factor.
+    """
+    if cfg.weighting in ("uniform", "dapo"):
+        return window.tokens is not None
+    if cfg.weighting in ("seq_mean", "seq_sum"):
+        return window.seqs is not None or window.micro_batches > 1
+    return window.micro_batches > 1
+
+
 def token_terms(
     cfg: SurrogateConfig,
     logp: torch.Tensor,

@@ -32,7 +32,7 @@ from ..window import Window
 from .compiled import run_math, use_compiled
 from .config import SurrogateConfig
 from .diagnostics import trust_region_diagnostics
-from .math import masked, token_advantages, token_terms, window_alpha
+from .math import masked, spans_calls, token_advantages, token_terms, window_alpha
 from .prefix import PrefixClasses, prefix_classes
 from .validation import (
     CHECKS,
@@ -43,6 +43,11 @@ from .validation import (
     math_value_messages,
     outer_value_checks,
 )
+
+#: Attribute set on every loss tensor this module returns: whether it is normalised over an
+#: optimizer window of several calls (:func:`~grpo_fix.loss.math.spans_calls`), i.e. already
+#: scaled for gradient accumulation.  Read by the DeepSpeed adapter's loop checks.
+WINDOW_NORMALISED = "grpo_fix_window_normalised"
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,7 @@ def surrogate_loss(
         )
     if extra_checks is not None:
         found = found + extra_checks
+    setattr(loss, WINDOW_NORMALISED, spans_calls(cfg, win))
     out = SurrogateOutput(loss=loss, signal=signal, metrics=metrics, checks=found)
     if checks == "eager":
         out.raise_on_bad_input()

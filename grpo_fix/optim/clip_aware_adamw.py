@@ -253,6 +253,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
         """
         if all_reduce and isinstance(signal, TrustRegionSignal):
             signal = signal.all_reduce(self._deepspeed.get("process_group") if self._deepspeed else None)
+        if self._deepspeed is not None and self._deepspeed.get("loop") is not None:
+            self._deepspeed["loop"].observed()  # the DeepSpeed loop checks of attach_deepspeed
         window = read_window(signal, gate=self.gate)
         if not window.finite:
             if self.nonfinite == "raise":

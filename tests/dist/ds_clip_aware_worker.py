@@ -215,7 +215,7 @@ def run_config(spec: str, rank: int, world: int):
         "steps_in_state": steps_in_state,
         "step_calls_per_engine_step": calls_per_engine_step,
         "wrapper": type(engine.optimizer).__name__,
-        "ds": {k: v for k, v in opt._deepspeed.items() if k not in ("process_group", "engine")},
+        "ds": {k: v for k, v in opt._deepspeed.items() if k not in ("process_group", "engine", "loop")},
         "nan_step_per_rank": all_nan_steps,
     }
     engine.destroy() if hasattr(engine, "destroy") else None
