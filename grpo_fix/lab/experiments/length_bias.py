@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--runs", help="JSON-lines file of finished runs (resumable)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", help="basename of the result files (default: length_bias_<task>)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     toy.offline_environment()
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     write_results(
         args.out,
-        f"length_bias_{args.task}{suffix}",
+        args.name or f"length_bias_{args.task}{suffix}",
         title=f"Length bias in training (paper Prop. 1), task {args.task}: grpo vs dapo vs uniform",
         table=table,
         payload={
