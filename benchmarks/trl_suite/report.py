@@ -73,6 +73,7 @@ def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
         f"{meta['trl_source']['commit'][:9]} ({meta['trl_source']['commit_date'][:10]}, "
         f"VERSION {meta['trl_source']['version_file']}); installed: {meta['versions']}.",
         f"grpo-fix: {meta['grpo_fix']}. Command: `{meta['command']}`.",
+        *(_selection_note(counts["items"]) if " -k " in f" {meta['command']} " else []),
         "",
         "| stock -> swap | items |",
         "|---|---|",
@@ -95,6 +96,10 @@ def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
     lines += ["", "## Every item", "", "| test | stock | swap | stock s | swap s |", "|---|---|---|---|---|"]
     lines += [f"| `{r['test']}` | {r['stock']} | {r['swap']} | {r['stock_s']} | {r['swap_s']} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _selection_note(items: int) -> list[str]:
+    return ["", f"**A selection** (`-k`): {items} of the file's items, compared with the same items of the other run."]
 
 
 def write(rows: list[dict[str, object]], meta: dict[str, object], out: Path) -> dict[str, Path]:

@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("stock", "swap"), help="run one side (the other's last XML is reused)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table from the last two runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trl_suite"), help="output path stem")
-    ap.add_argument("-k", dest="keyword", help="pytest -k expression (development)")
+    ap.add_argument(
+        "-k", dest="keyword", help="pytest -k expression: run and compare a selection (--only swap: vs the stock XML)"
+    )
     ap.add_argument("--maxfail", type=int, help="pytest --maxfail (development)")
     args = ap.parse_args(argv)
     runs = HERE / "work" / "runs"
@@ -93,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in [args.only] if args.only else ["stock", "swap"]:
             _, seconds[mode] = run_pytest(mode, runs, extra)
         seconds_file.write_text(json.dumps(seconds))
-    rows = report.compare(report.outcomes(runs / "stock.xml"), report.outcomes(runs / "swap.xml"))
+    stock, swap = report.outcomes(runs / "stock.xml"), report.outcomes(runs / "swap.xml")
+    if args.keyword:  # a selection: compare the selected tests only (the other side's XML may hold more)
+        stock = {t: r for t, r in stock.items() if t in swap}
+    rows = report.compare(stock, swap)
     command = "python benchmarks/trl_suite/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = report.write(rows, metadata(command.strip(), seconds), Path(args.out))
     print(json.dumps(report.summary(rows), indent=1))
