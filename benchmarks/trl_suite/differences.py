@@ -8,7 +8,20 @@ adapter is wrong or lacks the feature), "harness" (the tiny local models, not th
 
 from __future__ import annotations
 
-DIFFERENCES: dict[str, tuple[str, str]] = {}
+DIFFERENCES: dict[str, tuple[str, str]] = {
+    "TestGRPOTrainer::test_warning_raised_sequence_level_with_token_summed_loss[cispo]": (
+        "intended",
+        "TRL warns about cispo with importance_sampling_level='sequence' and trains; the swap refuses the "
+        "combination when the trainer is built (a sequence IS weight times token log-probs is not a "
+        "configuration of the unified surrogate), naming importance_sampling_level='token' or trl.GRPOTrainer",
+    ),
+    "TestGRPOTrainer::test_train_sequence_importance_sampling": (
+        "intended",
+        "the test keeps the default loss_type, which is 'uniform' with the swap; uniform refuses sequence-level "
+        "ratios (they differ across completions that share a prefix and break Prop. 1's cancellation), naming "
+        "importance_sampling_level='token' or loss_type='grpo' (GSPO) / 'dapo'",
+    ),
+}
 
 # The test file is TRL's main branch at 1.10.0.dev0 (the newest commit of the public snapshot), run against the
 # 1.16.0 wheel: these tests assert 1.10-era internals that 1.16.0 changed, and fail with stock TRL too.
