@@ -69,15 +69,17 @@ def _record_launches(vocab: int) -> list[tuple[str, object, tuple, dict, dict]]:
     fwd_fn, bwd_fn = lp._kernels()
     kernel_fn, triton_mod = adamw_mod._kernel()
     fwd, bwd, adam = _Recorder(fwd_fn), _Recorder(bwd_fn), _Recorder(kernel_fn)
+    check = _Recorder(adamw_mod._check_kernel())
     with ExitStack() as stack:  # the modules are patched only while recording
         stack.enter_context(patch.object(lp, "_kernels", lambda: (fwd, bwd)))
         # CPU stand-ins for CUDA tensors: nothing runs
         stack.enter_context(patch.object(lp, "check_device", lambda t, what="input": None))
         stack.enter_context(patch.object(adamw_mod, "_kernel", lambda: (adam, triton_mod)))
-        return _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam)
+        stack.enter_context(patch.object(adamw_mod, "_check_kernel", lambda: check))
+        return _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam, check)
 
 
-def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam):
+def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam, check):
     """Call the launch code once per variant (kernels recorded, not run)."""
     out = []
 
@@ -122,6 +124,8 @@ def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam):
             m_scales=[1.0],
         )
         take(adam, f"adamw step param {str(pdtype).removeprefix('torch.')}, fp32 state", dict(ldg128=True, stg128=True))
+        adamw_mod.nonfinite_check_([g], torch.ones(()))
+        take(check, f"non-finite check, gradient {str(pdtype).removeprefix('torch.')}", dict(ldg128=True))
     return out
 
 
