@@ -12,7 +12,7 @@
    ``differences.py``) to ``benchmarks/results/trl_suite.{json,md}`` with the machine named.
 
 ``-k``/``--maxfail`` pass through to pytest while developing (a partial run writes a partial table; use
-``--out`` to keep it away from the committed one). CPU only: about 10-20 minutes per run on 2 cores.
+``--out`` to keep it away from the committed one). CPU only: about 15 minutes per side with ``--workers 2`` on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -83,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         "-k", dest="keyword", help="pytest -k expression: run and compare a selection (--only swap: vs the stock XML)"
     )
     ap.add_argument("--maxfail", type=int, help="pytest --maxfail (development)")
+    ap.add_argument("--workers", type=int, default=1, help="pytest-xdist worker processes (the trl-suite extra)")
     args = ap.parse_args(argv)
     runs = HERE / "work" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     if not (args.skip_fetch or args.report_only):
         print(f"[trl_suite] fetched {fetch.fetch(args.trl_git, args.commit, HERE / 'upstream', HERE / 'work')}")
     extra = (["-k", args.keyword] if args.keyword else []) + ([f"--maxfail={args.maxfail}"] if args.maxfail else [])
+    extra += ["-n", str(args.workers)] if args.workers > 1 else []
     seconds_file = runs / "seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
     if not args.report_only:
