@@ -11,8 +11,9 @@
 3. report: a per-test table (stock outcome, swapped outcome, the root cause of every difference from
    ``differences.py``) to ``benchmarks/results/trl_suite.{json,md}`` with the machine named.
 
-``-k``/``--maxfail`` pass through to pytest while developing (a partial run writes a partial table; use
-``--out`` to keep it away from the committed one). CPU only: about 15 minutes per side with ``--workers 2`` on 2 idle cores.
+``-k`` runs and compares a selection (the table says so); ``--maxfail`` passes through to pytest; ``--out``
+keeps a partial table away from the committed one. CPU only: about 15 minutes per side with ``--workers 2`` on
+2 idle cores.
 """
 
 from __future__ import annotations
