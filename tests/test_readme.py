@@ -20,3 +20,9 @@ def test_ci_runs_the_readme_test_command():
     install_and_test = re.search(r"## Install and test.*?```bash\n(.*?)\n```", README, flags=re.S).group(1).strip()
     assert "pytest" in install_and_test
     assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_the_static_checks():
+    ci = (ROOT / ".ci" / "run").read_text()
+    for check in ("ruff check .", "ruff format --check .", ".ci/typecheck.py"):
+        assert check in ci, f".ci/run does not run {check}"
