@@ -198,7 +198,9 @@ class LoopChecks:
        (``Window(tokens=...)`` etc.; :data:`grpo_fix.loss.surrogate.WINDOW_NORMALISED`) is already
        scaled for gradient accumulation; ``engine.backward(loss)`` divides it by
        ``gradient_accumulation_steps`` again.  Refused (``ValueError``) when the accumulation
-       steps exceed 1: call ``engine.backward(loss, scale_wrt_gas=False)``.
+       steps exceed 1: call ``engine.backward(loss, scale_wrt_gas=False)``.  The mark is an
+       attribute of the loss tensor the loss function returns; a tensor computed from it
+       (``out.loss + aux``) no longer carries it and is not checked.
     2. **A stale signal.**  ``opt.observe(signal)`` must come after the window's micro-batches (at
        the latest before its last ``engine.step()``).  Called after ``engine.step()`` instead, it
        is read by the *next* window's step.  Once ``observe`` has been used, a window whose
@@ -211,6 +213,9 @@ class LoopChecks:
     """
 
     def __init__(self, engine: Any) -> None:
+        from grpo_fix.loss.surrogate import WINDOW_NORMALISED
+
+        self.normalised_attr = WINDOW_NORMALISED  # looked up once, not on every backward
         self.accumulation = int(engine.gradient_accumulation_steps())
         self.backwards = 0  # backward passes of the current window
         self.observed_after: int | None = None  # self.backwards at this window's last observe()
@@ -239,9 +244,7 @@ class LoopChecks:
         return checks
 
     def before_backward(self, loss: Any, scale_wrt_gas: bool) -> None:
-        from grpo_fix.loss.surrogate import WINDOW_NORMALISED
-
-        if scale_wrt_gas and self.accumulation > 1 and getattr(loss, WINDOW_NORMALISED, False):
+        if scale_wrt_gas and self.accumulation > 1 and getattr(loss, self.normalised_attr, False):
             raise ValueError(
                 f"engine.backward(loss) would divide this grpo-fix loss by gradient_accumulation_steps="
                 f"{self.accumulation} a second time: the loss is already normalised over its optimizer window "
