@@ -9,10 +9,15 @@ ClipAwareAdamW through its constructor options:
 - ``clip_aware_tau20``: the controller with tau 0.2, a guard that acts only on large overshoot;
 - ``clip_aware_backtrack``: the defaults + backtrack.
 
-Design candidate prototyped here (not in the library): ``clip_aware_guard``, the gate plus
-:class:`ExcessGuard`: a step multiplier that halves when the window's max ``|log s|`` excess past
-the clip boundary exceeds :data:`GUARD_EXCESS` and grows back by 1.25 per window otherwise (the
-controller's rule on the size of the worst excursion instead of the share of tokens).
+Design candidates prototyped here (not in the library), :class:`ExcessGuard`: a step multiplier
+that halves when the window's max ``|log s|`` excess past the clip boundary exceeds a limit and
+grows back by 1.25 per window otherwise (the controller's rule on the size of the worst excursion
+instead of the share of tokens), in the settings of :data:`GUARD_VARIANTS`:
+
+- ``clip_aware_guard`` (design round 1): the gate + a limit of log 4 (some token's ratio 4x past
+  its clip boundary);
+- design round 2: ``guard16`` (the gate + log 16), ``guard16_nogate`` (log 16, gate off),
+  ``guard4_nogate`` (log 4, gate off).
 
 Prior art: ``adam_reset`` (Adam moments reset at every rollout boundary: optimizer resets in RL,
 Asadi et al. 2023), ``beta1_zero`` (no momentum), ``cautious`` (C-AdamW, Liang et al. 2024).
@@ -30,6 +35,13 @@ from grpo_fix import ClipAwareAdamW, TrustRegionSignal
 #: Max |log s| excess past the clip boundary above which :class:`ExcessGuard` shrinks the step
 #: (log 4: some token's ratio is 4x beyond the boundary).
 GUARD_EXCESS = 1.3863
+#: The guard's settings per arm (:class:`ExcessGuard` keyword arguments).
+GUARD_VARIANTS: dict[str, dict[str, Any]] = {
+    "clip_aware_guard": {},
+    "guard16": {"excess_limit": 2.7726},
+    "guard16_nogate": {"excess_limit": 2.7726, "gate": False},
+    "guard4_nogate": {"gate": False},
+}
 
 CLIP_AWARE_VARIANTS: dict[str, dict[str, Any]] = {
     "clip_aware": {},
@@ -38,7 +50,7 @@ CLIP_AWARE_VARIANTS: dict[str, dict[str, Any]] = {
     "clip_aware_tau20": {"tau": 0.2},
     "clip_aware_backtrack": {"backtrack": True},
 }
-OPTIMIZERS = ("adamw", *CLIP_AWARE_VARIANTS, "clip_aware_guard", "adam_reset", "beta1_zero", "cautious")
+OPTIMIZERS = ("adamw", *CLIP_AWARE_VARIANTS, *GUARD_VARIANTS, "adam_reset", "beta1_zero", "cautious")
 
 
 class ExcessGuard(ClipAwareAdamW):
@@ -125,8 +137,8 @@ def make_optimizer(
         return CautiousAdamW(params, **kw)
     if name in CLIP_AWARE_VARIANTS:
         return ClipAwareAdamW(params, **kw, **CLIP_AWARE_VARIANTS[name])
-    if name == "clip_aware_guard":
-        return ExcessGuard(params, **kw)
+    if name in GUARD_VARIANTS:
+        return ExcessGuard(params, **kw, **GUARD_VARIANTS[name])
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 

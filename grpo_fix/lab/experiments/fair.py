@@ -3,13 +3,18 @@ ClipAwareAdamW with every arm at its own validated learning rate, reported on he
 
 Stages (``--stage``; ``all`` runs them in order, each resumable from the runs file):
 
-1. ``validate``: AdamW and every ClipAwareAdamW setting of :data:`.protocol.CANDIDATES` on the
-   whole lr grid, validation seeds; the validation rule selects a candidate.
+1. ``validate``: AdamW and every ClipAwareAdamW setting of the round's candidates on the whole lr
+   grid, validation seeds; the validation rule selects a candidate.
 2. ``test``: AdamW, the defaults and the selected candidate on the whole grid, test seeds.
-3. ``controls``: the matched-effective-lr AdamW and the on-policy (mu = 1) pair, test seeds.
-4. ``report``: JSON, markdown and PNG under ``--out`` (``fair_<task>.*``).
+3. ``controls``: the matched-effective-lr AdamW and the on-policy (mu = 1) pair, test seeds
+   (design round 1 only).
+4. ``report``: JSON, markdown and PNG under ``--out`` (``fair_<task>.*``, ``fair_<task>_round2.*``).
 
-Runs are appended to ``--runs`` (default: ``<cache>/runs/fair_<task>.jsonl``) as they finish.
+``--round 2`` is design round 2 (:data:`.protocol.ROUND2_CANDIDATES` on fresh test seeds): its
+candidate is selected over both tasks at once (:func:`.fair_analysis.select_joint`), so the test
+stage of either task needs the validation stage of both.  Runs are appended to ``--runs``
+(default: ``<cache>/runs/fair_<task>.jsonl``, shared by the rounds, so no run is repeated) as they
+finish.
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import arith, toy
+from .fair_analysis import select_joint
 from .fair_report import build_report, markdown, onpolicy_lrs, plot, validation
 from .grid import load_records, run_all
 from .loop import RunConfig
-from .protocol import BASELINE, CANDIDATES, DEFAULT, Protocol, protocol
+from .protocol import BASELINE, DEFAULT, PROTOCOLS, Protocol, protocol
 from .report import write_results
 
 STAGES = ("validate", "test", "controls", "report")
 
 
 def validate_configs(proto: Protocol) -> list[RunConfig]:
-    return [proto.config(a, lr, s) for a in (BASELINE, *CANDIDATES) for lr in proto.lrs for s in proto.val_seeds]
+    return [proto.config(a, lr, s) for a in (BASELINE, *proto.candidates) for lr in proto.lrs for s in proto.val_seeds]
 
 
 def test_configs(proto: Protocol, selected: str | None) -> list[RunConfig]:
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--task", choices=("toy", "arith"), default="toy")
     ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     ap.add_argument("--smoke", action="store_true", help="the test suite's reduced sizes (seconds)")
+    ap.add_argument("--round", type=int, choices=(1, 2), default=1, help="design round (2: the guard candidates)")
     ap.add_argument("--val-seeds", type=int, nargs="+", help="validation seeds (default: the registered ones)")
     ap.add_argument("--test-seeds", type=int, nargs="+", help="test seeds (default: the registered ones)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
@@ -63,35 +70,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     toy.offline_environment()
-    proto = protocol(args.task, smoke=args.smoke)
+    proto = protocol(args.task, smoke=args.smoke, design_round=args.round)
     if args.val_seeds or args.test_seeds:
         proto = replace(
             proto,
             val_seeds=tuple(args.val_seeds or proto.val_seeds),
             test_seeds=tuple(args.test_seeds or proto.test_seeds),
         )
-    suffix = "_smoke" if args.smoke else ""
-    runs = Path(args.runs or arith.cache_dir() / "runs" / f"fair_{args.task}{suffix}.jsonl")
+    runs = Path(args.runs) if args.runs else runs_path(args.task, args.smoke)
     log = None if args.quiet else lambda msg: print(msg, flush=True)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages: tuple[str, ...] = STAGES if args.stage == "all" else (args.stage,)
+    if proto.design_round == 2:
+        stages = tuple(s for s in stages if s != "controls")
     if "validate" in stages:
         run_all(validate_configs(proto), runs, jobs=args.jobs, progress=log)
     val = validation(list(load_records(runs).values()), proto)
+    joint = None
+    if proto.design_round == 2 and {"test", "report"} & set(stages):
+        joint = joint_selection(proto, args.task, runs, smoke=args.smoke)
+    selected = joint["selected"] if joint is not None else val["selected"]
     if "test" in stages:
-        run_all(test_configs(proto, val["selected"]), runs, jobs=args.jobs, progress=log)
+        run_all(test_configs(proto, selected), runs, jobs=args.jobs, progress=log)
     if "controls" in stages:
         run_all(control_configs(proto, val), runs, jobs=args.jobs, progress=log)
     if "report" not in stages:
-        return {"validation": val}
+        return {"validation": val, "joint": joint}
     records = list(load_records(runs).values())
-    rep = build_report(records, proto)
+    rep = build_report(records, proto, joint=joint)
     rep["task_info"] = _task_info(proto)
     rep["runs"] = [_compact(r) for r in records]
     text = markdown(rep)
+    name = f"fair_{args.task}" + ("_round2" if proto.design_round == 2 else "") + ("_smoke" if args.smoke else "")
+    title = f"Fair optimizer protocol, task {args.task}" + (", design round 2" if proto.design_round == 2 else "")
     write_results(
         args.out,
-        f"fair_{args.task}{suffix}",
-        title=f"Fair optimizer protocol, task {args.task}: AdamW vs ClipAwareAdamW at their own validated lr",
+        name,
+        title=f"{title}: AdamW vs ClipAwareAdamW at their own validated lr",
         table=text,
         payload=rep,
         plot=lambda fig: plot(rep, fig),
@@ -100,6 +114,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if log:
         log(text)
     return rep
+
+
+def runs_path(task: str, smoke: bool = False) -> Path:
+    """The default runs file of ``task`` (shared by the design rounds)."""
+    return arith.cache_dir() / "runs" / f"fair_{task}{'_smoke' if smoke else ''}.jsonl"
+
+
+def joint_selection(proto: Protocol, task: str, runs: Path, *, smoke: bool) -> dict[str, Any]:
+    """Design round 2's selection over both tasks, from each task's validation runs (``runs`` for
+    ``task``, the default runs file for the other); ``RuntimeError`` naming the missing stage when a
+    task has no validation runs of every candidate."""
+    validations = {}
+    for other in PROTOCOLS:
+        p = proto if other == task else protocol(other, smoke=smoke, design_round=2)
+        path = runs if other == task else runs_path(other, smoke)
+        val = validation(list(load_records(path).values()) if path.exists() else [], p)
+        missing = [c for c in (BASELINE, *p.candidates) if c not in val["curves"]]
+        if missing:
+            raise RuntimeError(
+                f"design round 2 selects over both tasks, but task {other!r} has no validation runs of {missing} in "
+                f"{path}: run `grpo-fix experiment fair-optimizer --round 2 --task {other} --stage validate` first"
+            )
+        validations[other] = val
+    return select_joint(validations, proto.candidates)
 
 
 def _task_info(proto: Protocol) -> dict[str, Any]:

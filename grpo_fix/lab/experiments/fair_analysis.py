@@ -10,12 +10,13 @@ A *cell* is one (arm, lr) of the grid; its values are the primary metric per see
   recompute both arms' widths, take the percentile interval of the ratio;
 - **collapses**: a run collapses when its collapse metric is below the protocol's threshold;
   arms are compared per lr with the exact McNemar test on the seeds where exactly one collapsed;
-- **candidate selection** (validation seeds, :func:`select_candidate`).
+- **candidate selection** (validation seeds): per task, :func:`select_candidate` (design round
+  1); over both tasks at once, :func:`select_joint` (design round 2: a default is one setting).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,3 +136,44 @@ def select_candidate(
     if not eligible:
         return None
     return min(eligible, key=lambda c: (-curves[c]["width_points"], collapse_counts.get(c, 0), candidates.index(c)))
+
+
+def select_joint(validations: Mapping[str, dict[str, Any]], candidates: Sequence[str]) -> dict[str, Any]:
+    """Design round 2's validation rule over several tasks (``{task: validation result}``, each with
+    the ``curves`` of :func:`.fair_report.validation`).
+
+    1. Eligible: on every task, best mean within ``MARGIN / 2`` of AdamW's best on that task.
+    2. Among the eligible, the largest smaller-over-tasks width ratio (the candidate's near-best
+       width over AdamW's, validation seeds); ties: the fewest collapses at the top lr summed over
+       the tasks; then the order of ``candidates``.
+
+    Returns ``{"selected": name or None, "candidates": {name: {task: {gap, width_ratio,
+    collapses_top_lr, eligible}}}}`` (None when no candidate is eligible on every task).
+    """
+    if not validations:
+        raise ValueError("select_joint needs the validation results of at least one task")
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in candidates:
+        if not all(c in v["curves"] for v in validations.values()):
+            continue
+        table[c] = {}
+        for task, v in validations.items():
+            mine, base = v["curves"][c], v["curves"][BASELINE]
+            gap = mine["best"] - base["best"]
+            table[c][task] = {
+                "gap": gap,
+                "width_ratio": mine["width_points"] / base["width_points"],
+                "collapses_top_lr": int(mine.get("collapses_top_lr", 0)),
+                "eligible": gap >= -MARGIN / 2,
+            }
+
+    def key(c: str) -> tuple[float, int, int]:
+        per_task = table[c].values()
+        return (
+            -min(r["width_ratio"] for r in per_task),
+            sum(r["collapses_top_lr"] for r in per_task),
+            list(candidates).index(c),
+        )
+
+    pool = [c for c in table if all(r["eligible"] for r in table[c].values())]
+    return {"selected": min(pool, key=key) if pool else None, "candidates": table}

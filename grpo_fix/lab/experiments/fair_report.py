@@ -21,7 +21,7 @@ from .fair_analysis import (
     width_ratio_interval,
 )
 from .loop import RunConfig
-from .protocol import BASELINE, CANDIDATES, DEFAULT, MARGIN, Protocol
+from .protocol import BASELINE, DEFAULT, MARGIN, Protocol
 from .report import markdown_table
 from .stats import bootstrap_mean, mean_difference, mean_ratio, paired_bootstrap, sample_sd
 
@@ -30,9 +30,10 @@ TRUST_REGION = ("overshoot_step", "overshoot_end", "max_excess_step", "max_exces
 
 
 def validation(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str, Any]:
-    """Each validation arm's lr curve, its collapses at the top lr, and the selected candidate."""
+    """Each validation arm's lr curve, its collapses at the top lr, and the candidate this task's
+    validation rule selects (design round 2 selects over both tasks: :func:`.fair_analysis.select_joint`)."""
     table = cells(records, proto.metric, inner_steps=proto.inner_steps)
-    arms = [a for a in (BASELINE, *CANDIDATES) if any((a, lr) in table for lr in proto.lrs)]
+    arms = [a for a in (BASELINE, *proto.candidates) if any((a, lr) in table for lr in proto.lrs)]
     curves = {a: arm_curve(table, a, proto.lrs, proto.val_seeds) for a in arms}
     top = proto.lrs[-1]
     counts = {a: sum(collapses(records, proto, a, top, proto.val_seeds).values()) for a in arms}
@@ -41,7 +42,8 @@ def validation(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str, 
         best = proto.config(a, curves[a]["best_lr"], 0)
         alphas = _values(records, best, proto.val_seeds, "alpha_mean")
         curves[a]["alpha_mean_at_best"] = _mean(alphas) if alphas else 1.0
-    selected = select_candidate(curves, counts, [c for c in CANDIDATES if c in curves])
+    pool = [c for c in proto.candidates if c in curves]
+    selected = select_candidate(curves, counts, pool) if BASELINE in curves else None
     return {"curves": curves, "selected": selected}
 
 
@@ -89,9 +91,16 @@ def compare(
     }
 
 
-def build_report(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str, Any]:
-    """Everything the protocol reports (module docstring of :mod:`.protocol`), from the records."""
+def build_report(
+    records: Sequence[dict[str, Any]], proto: Protocol, *, joint: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything the protocol reports (module docstring of :mod:`.protocol`), from the records.
+
+    ``joint``: design round 2's selection over both tasks (:func:`.fair_analysis.select_joint`),
+    which replaces this task's own selection."""
     val = validation(records, proto)
+    if joint is not None:
+        val["selected"], val["joint"] = joint["selected"], joint
     test_arms = [a for a in dict.fromkeys([BASELINE, DEFAULT, val["selected"] or DEFAULT])]
     table = cells(records, proto.metric, inner_steps=proto.inner_steps)
     test_curves = {a: arm_curve(table, a, proto.lrs, proto.test_seeds) for a in test_arms}
@@ -102,7 +111,7 @@ def build_report(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str
             test_curves[a].update(width_ratio_lo=lo, width_ratio_hi=hi)
         mat = matrix(table, a, proto.lrs, proto.test_seeds)
         test_curves[a]["ci"] = [bootstrap_mean(row[np.isfinite(row)])[1:] for row in mat]
-    cell = lambda arm, lr, mu=proto.inner_steps: proto.config(arm, lr, 0, inner_steps=mu)  # noqa: E731
+    cell = _cells_of(proto)
     best = {a: cell(a, val["curves"][a]["best_lr"]) for a in test_arms}
     at_best = {a: compare(records, proto, best[a], best[BASELINE], proto.metric) for a in test_arms if a != BASELINE}
     trust = {
@@ -120,6 +129,30 @@ def build_report(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str
             if a != BASELINE:
                 row[f"McNemar p ({a} < {BASELINE})"] = collapse_test(base, mine)["mcnemar_p_one_sided"]
         per_lr.append(row)
+    matched, onpolicy = _controls(records, proto, val, best) if proto.design_round == 1 else (None, [])
+    return {
+        "protocol": {k: v for k, v in vars(proto).items()},
+        "validation": val,
+        "test_curves": test_curves,
+        "at_best_lr": at_best,
+        "trust_region_at_best_lr": trust,
+        "per_lr": per_lr,
+        "matched_effective_lr": matched,
+        "onpolicy": onpolicy,
+        "verdicts": verdicts(at_best, test_curves, per_lr),
+    }
+
+
+def _cells_of(proto: Protocol) -> Any:
+    """``cell(arm, lr, mu=proto.inner_steps)``: the run configuration that names one grid cell."""
+    return lambda arm, lr, mu=proto.inner_steps: proto.config(arm, lr, 0, inner_steps=mu)
+
+
+def _controls(
+    records: Sequence[dict[str, Any]], proto: Protocol, val: dict[str, Any], best: dict[str, RunConfig]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Design round 1's controls: the matched-effective-lr AdamW and the on-policy (mu = 1) pair."""
+    cell = _cells_of(proto)
     alpha = val["curves"][DEFAULT]["alpha_mean_at_best"]
     matched_lr = float(f"{val['curves'][DEFAULT]['best_lr'] * alpha:.6g}")
     matched = {
@@ -140,17 +173,7 @@ def build_report(records: Sequence[dict[str, Any]], proto: Protocol) -> dict[str
         res["lr"] = lr
         res["tie"] = bool(res.get("seeds")) and res["diff_lo"] <= 0 <= res["diff_hi"] and abs(res["diff"]) < MARGIN
         onpolicy.append(res)
-    return {
-        "protocol": {k: v for k, v in vars(proto).items()},
-        "validation": val,
-        "test_curves": test_curves,
-        "at_best_lr": at_best,
-        "trust_region_at_best_lr": trust,
-        "per_lr": per_lr,
-        "matched_effective_lr": matched,
-        "onpolicy": onpolicy,
-        "verdicts": verdicts(at_best, test_curves, per_lr),
-    }
+    return matched, onpolicy
 
 
 def onpolicy_lrs(proto: Protocol, val: dict[str, Any]) -> list[float]:
@@ -196,7 +219,10 @@ def markdown(rep: dict[str, Any]) -> str:
         rows.append(row)
     cols = ["arm", *[f"{lr:g}" for lr in lrs], "best_lr", "width", "collapses_top", "alpha@best"]
     out.append(markdown_table(rows, cols, floatfmt=".3f"))
-    out.append(f"\nSelected by the validation rule: **{rep['validation']['selected']}**\n")
+    if rep["validation"].get("joint"):
+        out.append(_joint_markdown(rep["validation"]["joint"]))
+    else:
+        out.append(f"\nSelected by the validation rule: **{rep['validation']['selected']}**\n")
     out.append("## Test seeds: each arm at its validated lr against AdamW at its own (paired, 95 % bootstrap)\n")
     rows = [{"arm": a, **r} for a, r in rep["at_best_lr"].items() if r.get("seeds")]
     cols = ["arm", "seeds", "arm_mean", "arm_sd", "base_mean", "base_sd", "diff", "diff_lo", "diff_hi"]
@@ -236,42 +262,52 @@ def markdown(rep: dict[str, Any]) -> str:
     out.append(markdown_table(rows, ["arm", "quantity", "mean", "sd", "ratio", "lo", "hi"], floatfmt=".4g"))
     out.append("\n## Test seeds: collapses and batch-end overshoot per lr\n")
     out.append(markdown_table(rep["per_lr"], list(rep["per_lr"][0]), floatfmt=".3g"))
-    m = rep["matched_effective_lr"]
-    out.append(
-        f"\n## Matched effective lr: AdamW at {m['lr']:g} (ClipAwareAdamW's lr x its mean alpha "
-        f"{m['alpha_mean']:.3f}) vs ClipAwareAdamW\n"
-    )
-    rows = [{"quantity": k, **m[k]} for k in (proto["metric"], "overshoot_end") if m[k].get("seeds")]
-    out.append(
-        markdown_table(
-            rows,
-            [
-                "quantity",
-                "seeds",
-                "arm_mean",
-                "base_mean",
-                "diff",
-                "diff_lo",
-                "diff_hi",
-                "ratio",
-                "ratio_lo",
-                "ratio_hi",
-            ],
-            floatfmt=".4g",
-        )
-    )
-    out.append("\n## On-policy control (mu = 1): uniform + ClipAwareAdamW vs dapo + AdamW (must tie)\n")
-    rows = [r for r in rep["onpolicy"] if r.get("seeds")]
-    out.append(
-        markdown_table(
-            rows, ["lr", "seeds", "arm_mean", "base_mean", "diff", "diff_lo", "diff_hi", "tie"], floatfmt=".4g"
-        )
-    )
+    out.append(_controls_markdown(rep))
     out.append("\n## Verdicts (registered hypotheses)\n")
     rows = [{"arm": a, **v} for a, v in rep["verdicts"].items()]
     if rows:
         out.append(markdown_table(rows, list(rows[0]), floatfmt=".3g"))
     return "\n".join(out)
+
+
+def _controls_markdown(rep: dict[str, Any]) -> str:
+    """The matched-effective-lr and on-policy controls ('' when they were not run: design round 2)."""
+    metric, m = rep["protocol"]["metric"], rep["matched_effective_lr"]
+    if m is None:
+        return ""
+    matched = [{"quantity": k, **m[k]} for k in (metric, "overshoot_end") if m[k].get("seeds")]
+    onpolicy = [r for r in rep["onpolicy"] if r.get("seeds")]
+    cols = ["quantity", "seeds", "arm_mean", "base_mean", "diff", "diff_lo", "diff_hi", "ratio", "ratio_lo", "ratio_hi"]
+    return "\n".join(
+        [
+            f"\n## Matched effective lr: AdamW at {m['lr']:g} (ClipAwareAdamW's lr x its mean alpha "
+            f"{m['alpha_mean']:.3f}) vs ClipAwareAdamW\n",
+            markdown_table(matched, cols, floatfmt=".4g"),
+            "\n## On-policy control (mu = 1): uniform + ClipAwareAdamW vs dapo + AdamW (must tie)\n",
+            markdown_table(
+                onpolicy, ["lr", "seeds", "arm_mean", "base_mean", "diff", "diff_lo", "diff_hi", "tie"], floatfmt=".4g"
+            ),
+        ]
+    )
+
+
+def _joint_markdown(joint: dict[str, Any]) -> str:
+    """Design round 2's joint selection: each candidate's eligibility and width ratio per task."""
+    rows = []
+    for arm, per_task in joint["candidates"].items():
+        row: dict[str, Any] = {"arm": arm}
+        for task, r in per_task.items():
+            row[f"{task} best - AdamW best"] = r["gap"]
+            row[f"{task} width ratio"] = r["width_ratio"]
+            row[f"{task} collapses_top"] = r["collapses_top_lr"]
+        row["eligible on every task"] = all(r["eligible"] for r in per_task.values())
+        rows.append(row)
+    cols = list(rows[0]) if rows else ["arm"]
+    return (
+        "\n### Design round 2: joint selection over both tasks (validation seeds)\n\n"
+        + markdown_table(rows, cols, floatfmt=".3g")
+        + f"\n\nSelected jointly: **{joint['selected']}**\n"
+    )
 
 
 def plot(rep: dict[str, Any], fig: Any) -> None:

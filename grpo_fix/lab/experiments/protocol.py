@@ -31,6 +31,12 @@ MARGIN = 0.02
 #: (keep the default, then the simplest change): the default, the gate alone, the controller with
 #: a 4x larger threshold, the excess guard, the warm start.
 CANDIDATES = ("clip_aware", "clip_aware_gate", "clip_aware_tau20", "clip_aware_guard", "clip_aware_warm")
+#: Design round 2 (registered after round 1's results): the excess guard at two limits, with and
+#: without the gate, beside the defaults; the tie-break order puts the larger limit (the guard that
+#: acts least) and the gate (the current design) first.
+ROUND2_CANDIDATES = ("clip_aware", "guard16", "guard16_nogate", "clip_aware_guard", "guard4_nogate")
+#: Round 2's test seeds: fresh, never used by any earlier run (round 1 tested on 2000-2015).
+ROUND2_TEST_SEEDS = {"toy": tuple(range(3000, 3016)), "arith": tuple(range(3000, 3008))}
 #: The two arms every stage runs.
 BASELINE, DEFAULT = "adamw", "clip_aware"
 
@@ -47,6 +53,8 @@ class Protocol:
         lrs: the learning-rate grid (ascending).
         val_seeds, test_seeds: disjoint seed lists.
         onpolicy_rollouts: rollouts of the mu = 1 control.
+        candidates: the ClipAwareAdamW settings of the validation stage, in tie-break order.
+        design_round: 1, or 2 (candidates selected jointly over both tasks, no control stage).
     """
 
     task: str
@@ -61,6 +69,8 @@ class Protocol:
     test_seeds: tuple[int, ...]
     onpolicy_rollouts: int
     task_options: dict[str, Any] = field(default_factory=dict)
+    candidates: tuple[str, ...] = CANDIDATES
+    design_round: int = 1
 
     def __post_init__(self) -> None:
         if set(self.val_seeds) & set(self.test_seeds):
@@ -132,8 +142,16 @@ SMOKE: dict[str, dict[str, Any]] = {
 }
 
 
-def protocol(task: str, *, smoke: bool = False) -> Protocol:
-    """The registered protocol of ``task`` (``smoke``: the test suite's reduced size)."""
+def protocol(task: str, *, smoke: bool = False, design_round: int = 1) -> Protocol:
+    """The registered protocol of ``task`` (``smoke``: the test suite's reduced size) in design
+    round ``design_round`` (2: :data:`ROUND2_CANDIDATES` on :data:`ROUND2_TEST_SEEDS`)."""
     if task not in PROTOCOLS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(PROTOCOLS)}")
-    return replace(PROTOCOLS[task], **SMOKE[task]) if smoke else PROTOCOLS[task]
+    if design_round not in (1, 2):
+        raise ValueError(f"design_round must be 1 or 2, got {design_round!r}")
+    proto = PROTOCOLS[task]
+    if design_round == 2:
+        proto = replace(proto, candidates=ROUND2_CANDIDATES, test_seeds=ROUND2_TEST_SEEDS[task], design_round=2)
+    if smoke:
+        proto = replace(proto, **SMOKE[task])
+    return proto
