@@ -38,10 +38,9 @@ is :class:`grpo_fix.ClipAwareAdamW` whose ``step()`` first takes the signal the 
 since the last step (only calls with gradients count), all-reduces it over the default process
 group (kappa and the overshoot fraction are ratios, so ranks that hold the same tokens, e.g.
 Ulysses sequence-parallel peers, do not bias them) and ``observe``-s it.  Rollout boundaries are
-not visible to a verl policy loss, so ``reset_on_rollout=True`` is refused.  With several
-optimizer steps per rollout batch (``ppo_epochs > 1`` or several mini-batches) pass the warm start
-through ``actor_rollout_ref.actor.optim.override_optimizer_config={alpha_init: 0.1}`` (see
-:class:`grpo_fix.ClipAwareAdamW`).
+not visible to a verl policy loss, so ``reset_on_rollout=True`` is refused.  Optimizer
+settings pass through ``actor_rollout_ref.actor.optim.override_optimizer_config``, e.g. the opt-in
+warm start ``{alpha_init: 0.1}`` (see :class:`grpo_fix.ClipAwareAdamW` for what it costs).
 """
 
 from __future__ import annotations

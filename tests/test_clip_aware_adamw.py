@@ -238,7 +238,7 @@ def test_controller_alpha_sequence_and_reset():
 
 
 def test_controller_default_carries_alpha_across_rollouts_and_keeps_momentum():
-    """Defaults (measured in benchmarks/results/overshoot_*): tau = 0.05, no warm start, alpha is
+    """Defaults (judged in benchmarks/results/fair_*): tau = 0.05, no warm start, alpha is
     not reset at a rollout boundary, and shrinking alpha leaves the momentum alone."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4))

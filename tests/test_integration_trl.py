@@ -46,9 +46,8 @@ from grpo_fix.integration.trl import WINDOW_TOKENS_KEY, GRPOFixConfig, GRPOFixTr
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# the controller's pre-warm-start settings: these 3-step runs must clip and shrink alpha to test
-# the plumbing (the default warm start, alpha_init=0.1, would keep 3 steps inside the clip region)
-BASE = dict(TRAINER_BASE, use_cpu=True, clip_aware_tau=0.02, clip_aware_alpha_init=1.0)
+# a tight controller: these 3-step runs must clip and shrink alpha to test the plumbing
+BASE = dict(TRAINER_BASE, use_cpu=True, clip_aware_tau=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +160,30 @@ def test_evaluate(tmp_path, tok):
 @pytest.mark.parametrize(
     "kw,alpha_init",
     [
-        (dict(), 1.0),  # on-policy: no warm start
-        (dict(num_iterations=2), 0.1),  # replays: warm start
-        (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
-        (dict(num_iterations=2, clip_aware_alpha_init=0.5), 0.5),  # explicit value wins
+        (dict(), 1.0),
+        (dict(num_iterations=2), 1.0),  # replays: no automatic warm start (it costs at a tuned lr)
+        (dict(num_iterations=2, clip_aware_alpha_init=0.1), 0.1),  # the opt-in warm start
     ],
 )
-def test_warm_start_follows_the_replay_configuration(tmp_path, tok, kw, alpha_init):
-    trainer = make_trainer(tmp_path, tok, **{"clip_aware_alpha_init": None, "clip_aware_tau": 0.05, **kw})
+def test_alpha_init_is_the_optimizer_default_unless_set(tmp_path, tok, kw, alpha_init):
+    trainer = make_trainer(tmp_path, tok, **{"clip_aware_tau": 0.05, **kw})
     opt = trainer.create_optimizer()
     assert (opt.alpha_init, opt.tau) == (alpha_init, 0.05)
+
+
+@pytest.mark.parametrize(
+    "kw,alpha_init",
+    [
+        (dict(), 1.0),  # on-policy
+        (dict(num_iterations=2), 0.1),  # replays
+        (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
+    ],
+)
+def test_deprecated_none_keeps_the_former_automatic_warm_start(tmp_path, tok, kw, alpha_init):
+    with pytest.warns(DeprecationWarning, match=f"clip_aware_alpha_init={alpha_init}"):
+        trainer = make_trainer(tmp_path, tok, **{"clip_aware_alpha_init": None, "clip_aware_tau": 0.05, **kw})
+    assert trainer.args.clip_aware_alpha_init == alpha_init
+    assert trainer.create_optimizer().alpha_init == alpha_init
 
 
 def test_plain_adamw_option(tmp_path, tok):

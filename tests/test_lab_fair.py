@@ -15,9 +15,10 @@ from grpo_fix.lab.experiments.fair_analysis import (
     collapse_test,
     near_best,
     select_candidate,
+    select_joint,
     width_ratio_interval,
 )
-from grpo_fix.lab.experiments.protocol import PROTOCOLS, protocol
+from grpo_fix.lab.experiments.protocol import PROTOCOLS, ROUND2_CANDIDATES, protocol
 
 pytest.importorskip("transformers")
 
@@ -73,6 +74,47 @@ def test_select_candidate_follows_the_registered_rule():
     assert select_candidate(curves, {}, order) is None
 
 
+def test_select_joint_needs_eligibility_on_every_task():
+    def val(adamw_best: float, adamw_width: int, **arms: tuple[float, int, int]) -> dict:
+        curves = {"adamw": {"best": adamw_best, "width_points": adamw_width}}
+        curves |= {a: {"best": b, "width_points": w, "collapses_top_lr": c} for a, (b, w, c) in arms.items()}
+        return {"curves": curves}
+
+    order = ["clip_aware", "guard16", "guard16_nogate"]
+    toy = val(0.9, 1, clip_aware=(0.8, 4, 0), guard16=(0.9, 2, 3), guard16_nogate=(0.895, 3, 3))
+    arith = val(0.5, 2, clip_aware=(0.5, 3, 0), guard16=(0.5, 4, 0), guard16_nogate=(0.5, 2, 0))
+    joint = select_joint({"toy": toy, "arith": arith}, order)
+    # clip_aware is not eligible on toy (costs 0.1); guard16's smaller ratio is min(2, 2) = 2 and
+    # guard16_nogate's min(3, 1) = 1: the smaller-of-the-two ratio decides, not the toy width alone
+    assert joint["selected"] == "guard16"
+    assert joint["candidates"]["clip_aware"]["toy"] == {
+        "gap": pytest.approx(-0.1),
+        "width_ratio": 4.0,
+        "collapses_top_lr": 0,
+        "eligible": False,
+    }
+    arith["curves"]["guard16"]["width_points"] = 2  # now a tie at ratio 1: the fewest collapses, then the order
+    assert select_joint({"toy": toy, "arith": arith}, order)["selected"] == "guard16"
+    toy["curves"]["guard16"]["collapses_top_lr"] = 4
+    toy["curves"]["guard16_nogate"]["width_points"] = 2
+    assert select_joint({"toy": toy, "arith": arith}, order)["selected"] == "guard16_nogate"
+    arith["curves"]["guard16"]["best"] = arith["curves"]["guard16_nogate"]["best"] = 0.48
+    assert select_joint({"toy": toy, "arith": arith}, order)["selected"] is None
+    with pytest.raises(ValueError, match="at least one task"):
+        select_joint({}, order)
+
+
+def test_round2_is_registered_on_fresh_test_seeds():
+    for task in PROTOCOLS:
+        one, two = protocol(task), protocol(task, design_round=2)
+        assert two.candidates == ROUND2_CANDIDATES and two.candidates[0] == "clip_aware"
+        assert (two.val_seeds, two.lrs) == (one.val_seeds, one.lrs)  # round 1's validation runs are reused
+        assert not set(two.test_seeds) & (set(one.test_seeds) | set(one.val_seeds))
+        assert min(two.test_seeds) >= 3000 and len(two.test_seeds) == len(one.test_seeds)
+    with pytest.raises(ValueError, match="design_round"):
+        protocol("toy", design_round=3)
+
+
 def test_protocols_are_registered_with_disjoint_seeds_and_wide_grids():
     for proto in PROTOCOLS.values():
         assert not set(proto.val_seeds) & set(proto.test_seeds)
@@ -119,3 +161,27 @@ def test_fair_protocol_runs_end_to_end_at_reduced_size(task, tmp_path, monkeypat
     if task == "arith":
         assert 0.0 <= rep["task_info"]["held_out_accuracy_start"] <= 1.0
         assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in runs)
+
+
+def test_round2_selects_over_both_tasks_end_to_end_at_reduced_size(tmp_path, monkeypatch):
+    from grpo_fix.cli import main
+
+    monkeypatch.setenv("GRPO_FIX_CACHE", str(tmp_path / "cache"))
+    base = ["experiment", "fair-optimizer", "--round", "2", "--smoke", "--out", str(tmp_path), "--quiet"]
+    assert main([*base, "--task", "toy", "--stage", "validate"]) == 0
+    with pytest.raises(RuntimeError, match="--round 2 --task arith --stage validate"):
+        main([*base, "--task", "toy", "--stage", "test"])  # the joint rule needs both tasks' validation
+    assert main([*base, "--task", "arith", "--stage", "validate"]) == 0
+    assert main([*base, "--task", "toy"]) == 0
+    rep = json.loads((tmp_path / "fair_toy_round2_smoke.json").read_text())
+    joint = rep["validation"]["joint"]
+    assert set(joint["candidates"]) == set(ROUND2_CANDIDATES)
+    assert set(joint["candidates"]["guard16"]) == {"toy", "arith"}
+    assert rep["validation"]["selected"] == joint["selected"]
+    assert rep["matched_effective_lr"] is None and rep["onpolicy"] == []  # round 2 runs no controls
+    assert all(r["inner_steps"] == 4 for r in rep["runs"])
+    test_seeds = set(protocol("toy", smoke=True, design_round=2).test_seeds)
+    tested = {r["optimizer"] for r in rep["runs"] if r["seed"] in test_seeds}
+    assert tested == {"adamw", "clip_aware", joint["selected"] or "clip_aware"}
+    md = (tmp_path / "fair_toy_round2_smoke.md").read_text()
+    assert "joint selection over both tasks" in md and "On-policy control" not in md

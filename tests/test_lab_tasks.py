@@ -131,3 +131,13 @@ def test_lab_modules_have_no_import_time_side_effects():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "limit", "gate"),
+    [("clip_aware_guard", 1.3863, True), ("guard16", 2.7726, True), ("guard16_nogate", 2.7726, False)],
+)
+def test_guard_variants_set_their_limit_and_gate(name, limit, gate):
+    opt = make_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert isinstance(opt, ExcessGuard)
+    assert (opt.excess_limit, opt.gate, opt.controller) == (limit, gate, False)

@@ -117,9 +117,11 @@ def test_partial_groups_say_why_w_agg_is_absent(tmp_path, tok, caplog):
 
 
 def test_effective_learning_rate_is_logged_beside_trl_learning_rate(tmp_path, tok):
-    """num_iterations=2 warm-starts the controller at alpha = 0.1: the step size the parameters see
-    is lr * alpha, logged as clip_aware/effective_lr next to TRL's learning_rate."""
-    trainer = make_trainer(tmp_path, tok, num_iterations=2, max_steps=2, lr_scheduler_type="constant")
+    """With the warm start (alpha = 0.1) the step size the parameters see is lr * alpha, logged as
+    clip_aware/effective_lr next to TRL's learning_rate."""
+    trainer = make_trainer(
+        tmp_path, tok, num_iterations=2, max_steps=2, lr_scheduler_type="constant", clip_aware_alpha_init=0.1
+    )
     trainer.train()
     first = [h for h in trainer.state.log_history if "loss" in h][0]
     assert first["clip_aware/alpha"] <= 0.125

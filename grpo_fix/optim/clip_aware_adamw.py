@@ -25,8 +25,8 @@ The trainer calls :meth:`ClipAwareAdamW.observe` once per optimizer window (the 
 summed over micro-batches and data-parallel ranks), then ``step()``; the signal stays latched
 until the next ``observe`` (DeepSpeed calls ``step()`` once per param group or ZeRO-3
 sub-group).  Without ``observe`` the optimizer is ``torch.optim.AdamW``.  The defaults
-(``tau = 0.05``, no warm start, alpha carried, momentum not shrunk with alpha) were chosen on
-the toy task: ``benchmarks/results/overshoot_*.md``.
+(``tau = 0.05``, no warm start, alpha carried, momentum not shrunk with alpha) are judged against
+tuned AdamW by the fair optimizer protocol: ``benchmarks/results/fair_*.md``.
 
 State: torch's AdamW schema (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so
 AdamW checkpoints load and ours load into AdamW; the per-group controller state
@@ -94,7 +94,8 @@ class ClipAwareAdamW(torch.optim.AdamW):
         tau: the overshoot fraction above which ``alpha`` shrinks, and the backtrack's bound
             (default 0.05).
         alpha_init: ``alpha`` before the first observed window, in ``[alpha_min, 1]`` (default
-            1.0; 0.1 warm-starts, for runs that give every rollout batch several optimizer steps).
+            1.0; 0.1 warm-starts: fewer collapses at a too-high lr, but a cost in reward at a
+            well-tuned one in ``benchmarks/results/fair_*.md``).
         alpha_min: the floor of ``alpha``, in (0, 1] (default 1e-3); a window that overshoots
             with alpha at the floor counts in ``last_stats["stuck_windows"]``, and the optimizer
             warns once when 10 windows in a row do.

@@ -56,8 +56,10 @@ class GRPOFixConfig(GRPOConfig):
             AdamW) or ``"adamw"`` (TRL's optimizer ``optim``, untouched).
         clip_aware_gate, clip_aware_controller, clip_aware_tau, clip_aware_alpha_init,
             clip_aware_backtrack: the :class:`grpo_fix.ClipAwareAdamW` mechanisms (``gate``,
-            ``controller``, ``tau``, ``alpha_init``, ``backtrack``; same defaults, except that
-            ``clip_aware_alpha_init=None`` warm-starts at 0.1 when rollouts are replayed).
+            ``controller``, ``tau``, ``alpha_init``, ``backtrack``; same defaults).  The warm start
+            ``clip_aware_alpha_init=0.1`` is opt-in: the fair optimizer protocol measured it costing
+            reward at a well-tuned lr (README, Results).  ``None``, which chose 0.1 when rollouts
+            are replayed, is deprecated: it resolves to that value with a ``DeprecationWarning``.
         loss_backend: ``"auto"`` (default: the logits-free Triton loss where it is known to work, a
             CUDA model without the features listed in :mod:`.linear_forward`; else the torch path),
             ``"torch"`` (TRL's log-probs + the grpo_fix loss) or ``"triton"`` (the logits-free Triton
@@ -84,10 +86,10 @@ class GRPOFixConfig(GRPOConfig):
     clip_aware_controller: bool = field(default=True, metadata={"help": "Trust-region step multiplier alpha."})
     clip_aware_tau: float = field(default=0.05, metadata={"help": "Overshoot-fraction threshold."})
     clip_aware_alpha_init: float | None = field(
-        default=None,
+        default=1.0,
         metadata={
-            "help": "The controller's alpha before the first window; None: 0.1 (warm start) when rollouts are "
-            "replayed (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), else 1.0."
+            "help": "The controller's alpha before the first window (0.1: the opt-in warm start). None is deprecated "
+            "(it chose 0.1 when rollouts are replayed, else 1.0)."
         },
     )
     clip_aware_backtrack: bool = field(
@@ -152,6 +154,18 @@ class GRPOFixConfig(GRPOConfig):
                     "set loss_backend only"
                 )
             self.loss_backend, self.loss_kernel = backend, None
+        if self.clip_aware_alpha_init is None:  # the automatic warm start of 0.1, now opt-in
+            iterations, spg = self.num_iterations, self.steps_per_generation
+            replays = (isinstance(iterations, int) and iterations > 1) or (
+                isinstance(spg, int) and spg > self.gradient_accumulation_steps
+            )
+            value = 0.1 if replays else 1.0
+            deprecated(
+                "GRPOFixConfig(clip_aware_alpha_init=None)",
+                f"clip_aware_alpha_init={value} (what None chooses for this configuration; 1.0 is the default, 0.1 "
+                "the warm start)",
+            )
+            self.clip_aware_alpha_init = value
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
                 f"unknown loss_type {self.loss_type!r} for GRPOFixConfig; choose one of {tuple(LOSS_TYPES)}"

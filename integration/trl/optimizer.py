@@ -14,15 +14,6 @@ from typing import Any
 from grpo_fix import ClipAwareAdamW
 
 
-def alpha_init(args: Any) -> float:
-    """``clip_aware_alpha_init``, or for None: 0.1 when a rollout batch is optimised by more than
-    one window (off-policy replays: the warm start removes their first excursion), else 1."""
-    if args.clip_aware_alpha_init is not None:
-        return float(args.clip_aware_alpha_init)
-    replays = args.num_iterations > 1 or (args.steps_per_generation or 0) > args.gradient_accumulation_steps
-    return 0.1 if replays else 1.0
-
-
 def clip_aware_kwargs(args: Any) -> dict[str, Any]:
     """The ClipAwareAdamW constructor arguments of a :class:`GRPOFixConfig` (weight decay comes with
     HF's parameter groups)."""
@@ -33,7 +24,7 @@ def clip_aware_kwargs(args: Any) -> dict[str, Any]:
         gate=args.clip_aware_gate,
         controller=args.clip_aware_controller,
         tau=args.clip_aware_tau,
-        alpha_init=alpha_init(args),
+        alpha_init=args.clip_aware_alpha_init,
         backtrack=args.clip_aware_backtrack,
     )
 

@@ -3,8 +3,7 @@
 ClipAwareAdamW through its constructor options:
 
 - ``clip_aware``: the defaults (gate + trust-region controller, tau 0.05, alpha starts at 1);
-- ``clip_aware_warm``: the defaults + ``alpha_init=0.1`` (what the TRL integration uses when
-  rollouts are replayed);
+- ``clip_aware_warm``: the defaults + ``alpha_init=0.1`` (the opt-in warm start);
 - ``clip_aware_gate``: the gate alone (``controller=False``);
 - ``clip_aware_tau20``: the controller with tau 0.2, a guard that acts only on large overshoot;
 - ``clip_aware_backtrack``: the defaults + backtrack.
