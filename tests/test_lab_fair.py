@@ -185,3 +185,13 @@ def test_round2_selects_over_both_tasks_end_to_end_at_reduced_size(tmp_path, mon
     assert tested == {"adamw", "clip_aware", joint["selected"] or "clip_aware"}
     md = (tmp_path / "fair_toy_round2_smoke.md").read_text()
     assert "joint selection over both tasks" in md and "On-policy control" not in md
+
+
+def test_a_round_reports_only_its_arms_and_seeds_from_the_shared_runs_file():
+    from grpo_fix.lab.experiments.fair import in_round
+
+    one, two = protocol("toy"), protocol("toy", design_round=2)
+    assert in_round({"optimizer": "clip_aware_warm", "seed": 2000}, one)
+    assert not in_round({"optimizer": "clip_aware_warm", "seed": 1000}, two)  # a round-1 candidate
+    assert not in_round({"optimizer": "adamw", "seed": 2000}, two)  # round 1's test seeds
+    assert in_round({"optimizer": "adamw", "seed": 3000}, two) and in_round({"optimizer": "guard16", "seed": 1000}, two)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_all(control_configs(proto, val), runs, jobs=args.jobs, progress=log)
     if "report" not in stages:
         return {"validation": val, "joint": joint}
-    records = list(load_records(runs).values())
+    records = [r for r in load_records(runs).values() if in_round(r["config"], proto)]
     rep = build_report(records, proto, joint=joint)
     rep["task_info"] = _task_info(proto)
     rep["runs"] = [_compact(r) for r in records]
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if log:
         log(text)
     return rep
+
+
+def in_round(config: dict[str, Any], proto: Protocol) -> bool:
+    """Whether a run of the (shared) runs file belongs to this round: one of its arms (the on-policy
+    control's ``adamw + dapo`` included) on one of its seeds."""
+    seeds = set(proto.val_seeds) | set(proto.test_seeds)
+    return config["optimizer"] in (BASELINE, *proto.candidates) and config["seed"] in seeds
 
 
 def runs_path(task: str, smoke: bool = False) -> Path:
