@@ -109,23 +109,27 @@ def _launch_variants(vocab, lp, adamw_mod, fwd, bwd, adam, check):
         p = torch.zeros(n, dtype=pdtype)
         g = torch.zeros(n, dtype=pdtype)
         m, v = torch.zeros(n), torch.zeros(n)
-        adamw_mod.adamw_step_(
-            [p],
-            [g],
-            [m],
-            [v],
-            [torch.zeros(())],
-            lr=1e-3,
-            alpha=1.0,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            m_scales=[1.0],
-        )
-        take(adam, f"adamw step param {str(pdtype).removeprefix('torch.')}, fp32 state", dict(ldg128=True, stg128=True))
+        tag = str(pdtype).removeprefix("torch.")
+        # without and with the device-side non-finite flag (the CUDA default: no host sync per step)
+        for ok, how in ((None, "no flag"), (torch.ones(()), "device flag")):
+            adamw_mod.adamw_step_(
+                [p],
+                [g],
+                [m],
+                [v],
+                [torch.zeros(())],
+                lr=1e-3,
+                alpha=1.0,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=0.01,
+                m_scales=[1.0],
+                ok=ok,
+            )
+            take(adam, f"adamw step param {tag}, fp32 state, {how}", dict(ldg128=True, stg128=True))
         adamw_mod.nonfinite_check_([g], torch.ones(()))
-        take(check, f"non-finite check, gradient {str(pdtype).removeprefix('torch.')}", dict(ldg128=True))
+        take(check, f"non-finite check, gradient {tag}", dict(ldg128=True))
     return out
 
 
