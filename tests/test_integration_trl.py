@@ -177,6 +177,8 @@ def test_alpha_init_is_the_optimizer_default_unless_set(tmp_path, tok, kw, alpha
         (dict(), 1.0),  # on-policy
         (dict(num_iterations=2), 0.1),  # replays
         (dict(gradient_accumulation_steps=1, steps_per_generation=2), 0.1),  # a generation spans 2 windows
+        # the same through generation_batch_size, from which TRL derives steps_per_generation
+        (dict(gradient_accumulation_steps=1, generation_batch_size=8), 0.1),
     ],
 )
 def test_deprecated_none_keeps_the_former_automatic_warm_start(tmp_path, tok, kw, alpha_init):

@@ -117,10 +117,11 @@ class GRPOFixConfig(GRPOConfig):
     def __post_init__(self) -> None:
         self._resolve_vocabulary()
         checks.check_loss_options(self)
-        checks.check_optimizer_options(self)
         self.prefix_consistent = _resolve_prefix_consistent(self)
-        super().__post_init__()
+        super().__post_init__()  # derives steps_per_generation, which the deprecated alpha_init=None reads
         checks.check_schedule(self)
+        self._resolve_alpha_init()
+        checks.check_optimizer_options(self)
         try:  # the loss the trainer will build: refuse bad loss settings now, not at the first step
             surrogate_config_from_args(self)
         except ValueError as e:
@@ -139,6 +140,20 @@ class GRPOFixConfig(GRPOConfig):
                 stacklevel=3,
             )
 
+    def _resolve_alpha_init(self) -> None:
+        """``clip_aware_alpha_init=None`` (deprecated): the former automatic warm start, 0.1 when a
+        rollout batch is optimised by more than one window, else 1.0, with a ``DeprecationWarning``."""
+        if self.clip_aware_alpha_init is not None:
+            return
+        replays = self.num_iterations > 1 or (self.steps_per_generation or 0) > self.gradient_accumulation_steps
+        value = 0.1 if replays else 1.0
+        deprecated(
+            "GRPOFixConfig(clip_aware_alpha_init=None)",
+            f"clip_aware_alpha_init={value} (what None chooses for this configuration; 1.0 is the default, 0.1 the "
+            "warm start)",
+        )
+        self.clip_aware_alpha_init = value
+
     def _resolve_vocabulary(self) -> None:
         if self.loss_kernel is not None:
             if self.loss_kernel not in LOSS_KERNELS:
@@ -154,18 +169,6 @@ class GRPOFixConfig(GRPOConfig):
                     "set loss_backend only"
                 )
             self.loss_backend, self.loss_kernel = backend, None
-        if self.clip_aware_alpha_init is None:  # the automatic warm start of 0.1, now opt-in
-            iterations, spg = self.num_iterations, self.steps_per_generation
-            replays = (isinstance(iterations, int) and iterations > 1) or (
-                isinstance(spg, int) and spg > self.gradient_accumulation_steps
-            )
-            value = 0.1 if replays else 1.0
-            deprecated(
-                "GRPOFixConfig(clip_aware_alpha_init=None)",
-                f"clip_aware_alpha_init={value} (what None chooses for this configuration; 1.0 is the default, 0.1 "
-                "the warm start)",
-            )
-            self.clip_aware_alpha_init = value
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
                 f"unknown loss_type {self.loss_type!r} for GRPOFixConfig; choose one of {tuple(LOSS_TYPES)}"
