@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val = validation(list(load_records(runs).values()), proto)
     joint = None
     if proto.design_round == 2 and {"test", "report"} & set(stages):
-        joint = joint_selection(proto, args.task, runs, smoke=args.smoke)
+        joint = joint_selection(proto, runs, smoke=args.smoke)
     selected = joint["selected"] if joint is not None else val["selected"]
     if "test" in stages:
         run_all(test_configs(proto, selected), runs, jobs=args.jobs, progress=log)
@@ -128,14 +128,14 @@ def runs_path(task: str, smoke: bool = False) -> Path:
     return arith.cache_dir() / "runs" / f"fair_{task}{'_smoke' if smoke else ''}.jsonl"
 
 
-def joint_selection(proto: Protocol, task: str, runs: Path, *, smoke: bool) -> dict[str, Any]:
+def joint_selection(proto: Protocol, runs: Path, *, smoke: bool) -> dict[str, Any]:
     """Design round 2's selection over both tasks, from each task's validation runs (``runs`` for
-    ``task``, the default runs file for the other); ``RuntimeError`` naming the missing stage when a
+    ``proto.task``, the default runs file for the other); ``RuntimeError`` naming the missing stage when a
     task has no validation runs of every candidate."""
     validations = {}
     for other in PROTOCOLS:
-        p = proto if other == task else protocol(other, smoke=smoke, design_round=2)
-        path = runs if other == task else runs_path(other, smoke)
+        p = proto if other == proto.task else protocol(other, smoke=smoke, design_round=2)
+        path = runs if other == proto.task else runs_path(other, smoke)
         val = validation(list(load_records(path).values()) if path.exists() else [], p)
         missing = [c for c in (BASELINE, *p.candidates) if c not in val["curves"]]
         if missing:
