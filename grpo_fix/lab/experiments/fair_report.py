@@ -111,8 +111,7 @@ def build_report(
             test_curves[a].update(width_ratio_lo=lo, width_ratio_hi=hi)
         mat = matrix(table, a, proto.lrs, proto.test_seeds)
         test_curves[a]["ci"] = [bootstrap_mean(row[np.isfinite(row)])[1:] for row in mat]
-    cell = _cells_of(proto)
-    best = {a: cell(a, val["curves"][a]["best_lr"]) for a in test_arms}
+    best = {a: proto.config(a, val["curves"][a]["best_lr"], 0) for a in test_arms}
     at_best = {a: compare(records, proto, best[a], best[BASELINE], proto.metric) for a in test_arms if a != BASELINE}
     trust = {
         a: {k: compare(records, proto, best[a], best[BASELINE], k) for k in TRUST_REGION + ("reward_mean",)}
@@ -125,7 +124,9 @@ def build_report(
         for a in test_arms:
             mine = collapses(records, proto, a, lr, proto.test_seeds)
             row[f"{a} collapses"] = f"{sum(mine.values())}/{len(mine)}"
-            row[f"{a} overshoot_end"] = _mean(_values(records, cell(a, lr), proto.test_seeds, "overshoot_end"))
+            row[f"{a} overshoot_end"] = _mean(
+                _values(records, proto.config(a, lr, 0), proto.test_seeds, "overshoot_end")
+            )
             if a != BASELINE:
                 row[f"McNemar p ({a} < {BASELINE})"] = collapse_test(base, mine)["mcnemar_p_one_sided"]
         per_lr.append(row)
@@ -143,30 +144,24 @@ def build_report(
     }
 
 
-def _cells_of(proto: Protocol) -> Any:
-    """``cell(arm, lr, mu=proto.inner_steps)``: the run configuration that names one grid cell."""
-    return lambda arm, lr, mu=proto.inner_steps: proto.config(arm, lr, 0, inner_steps=mu)
-
-
 def _controls(
     records: Sequence[dict[str, Any]], proto: Protocol, val: dict[str, Any], best: dict[str, RunConfig]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Design round 1's controls: the matched-effective-lr AdamW and the on-policy (mu = 1) pair."""
-    cell = _cells_of(proto)
     alpha = val["curves"][DEFAULT]["alpha_mean_at_best"]
     matched_lr = float(f"{val['curves'][DEFAULT]['best_lr'] * alpha:.6g}")
     matched = {
         "lr": matched_lr,
         "alpha_mean": alpha,
-        proto.metric: compare(records, proto, best[DEFAULT], cell(BASELINE, matched_lr), proto.metric),
-        "overshoot_end": compare(records, proto, best[DEFAULT], cell(BASELINE, matched_lr), "overshoot_end"),
+        proto.metric: compare(records, proto, best[DEFAULT], proto.config(BASELINE, matched_lr, 0), proto.metric),
+        "overshoot_end": compare(records, proto, best[DEFAULT], proto.config(BASELINE, matched_lr, 0), "overshoot_end"),
     }
     onpolicy = []
     for lr in onpolicy_lrs(proto, val):
         res = compare(
             records,
             proto,
-            cell(DEFAULT, lr, 1),
+            proto.config(DEFAULT, lr, 0, inner_steps=1),
             proto.config(BASELINE, lr, 0, inner_steps=1, preset="dapo"),
             proto.metric,
         )
